@@ -1,0 +1,68 @@
+"""Defaults shared by every experiment; the experiment files override a few.
+
+Not an experiment itself: run `configs/baseline.py`, `configs/augmented.py`
+or `configs/balanced.py`. Each takes a dataset variant after a colon:
+`isic` (the default: the 9-class ISIC archive, prepared from `manual_dir`)
+or `synthetic` (the bundled procedural dataset, smaller images for a CPU).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+DATASET_VARIANTS = ('isic', 'synthetic')
+
+
+def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
+  """The course's first model (no augmentation, no balancing, constant LR)."""
+  if variant not in DATASET_VARIANTS:
+    raise ValueError(f'Unknown dataset variant {variant!r}; choose one of {DATASET_VARIANTS}, '
+                     'e.g. --config=configs/balanced.py:synthetic')
+  config = ml_collections.ConfigDict()
+
+  # Data. `dataset` is a TFDS name, optionally with a builder config
+  # ('synthetic_lesions/tiny'); `data_dir` holds prepared datasets (TFDS'
+  # default when unset); `manual_dir` holds a manual download.
+  config.dataset = 'isic_skin_cancer'
+  config.data_dir = config_dict.placeholder(str)
+  config.manual_dir = config_dict.placeholder(str)
+  config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
+  config.image_size = 180
+  config.val_fraction = 0.2
+  config.balance_classes = False
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = False
+  config.augment.flips = True          # both axes: lesions have no orientation
+  config.augment.rotation_degrees = 180.0  # +- this; 180 is the full circle
+  config.augment.zoom = 0.1            # scale in [1 - zoom, 1 + zoom]
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'seed_cnn'
+  config.model.num_outputs = config_dict.placeholder(int)  # None: from task
+  config.model.dropout_rate = 0.5
+  # None: derived from steps per epoch so evaluation statistics track the
+  # weights (see train.derive_bn_momentum); Keras' default would be 0.99.
+  config.model.bn_momentum = config_dict.placeholder(float)
+
+  # Optimisation. batch_size is global: split evenly over all devices.
+  config.batch_size = 32
+  config.num_epochs = 20
+  config.learning_rate = 1e-3
+  config.seed = 123
+
+  # Keras ReduceLROnPlateau(monitor='val_loss') semantics, once per epoch.
+  config.plateau = ml_collections.ConfigDict()
+  config.plateau.enabled = False
+  config.plateau.factor = 0.5
+  config.plateau.patience = 3
+  config.plateau.min_delta = 1e-4
+  config.plateau.cooldown = 0
+  config.plateau.min_lr = 1e-5
+
+  config.log_every_steps = 20
+  config.checkpoints_to_keep = 3
+
+  if variant == 'synthetic':
+    config.dataset = 'synthetic_lesions'
+    config.image_size = 64
+  return config

@@ -1,0 +1,29 @@
+"""Entry point: `python launch.py --config=configs/balanced.py:synthetic --workdir=runs/x`.
+
+Any config field can be overridden (`--config.num_epochs=5`); unknown fields
+are refused. Rerunning the same command on the same workdir resumes.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  from melanoma_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('Config:\n%s', FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,49 @@
+"""TFDS builders for skin-lesion data, and the contract every builder follows.
+
+Every builder yields the same features, so the input pipeline never needs to
+know which dataset it reads:
+
+- ``image``: uint8 RGB, square, stored at the builder's resolution;
+- ``label``: ClassLabel over the dataset's class names;
+- ``file_name``: the source file (or synthetic id), for traceability;
+- ``group_id``: the lesion or patient the image belongs to ("" when unknown),
+  so train/validation splits can keep a group on one side.
+"""
+
+import tensorflow_datasets as tfds
+
+ISIC_CLASSES = (
+    'actinic keratosis',
+    'basal cell carcinoma',
+    'dermatofibroma',
+    'melanoma',
+    'nevus',
+    'pigmented benign keratosis',
+    'seborrheic keratosis',
+    'squamous cell carcinoma',
+    'vascular lesion',
+)
+MELANOMA = 'melanoma'
+
+# Train-folder image counts of the 9-class ISIC archive (see shared/REFERENCE.md).
+ISIC_TRAIN_COUNTS = {
+    'actinic keratosis': 114,
+    'basal cell carcinoma': 376,
+    'dermatofibroma': 95,
+    'melanoma': 438,
+    'nevus': 357,
+    'pigmented benign keratosis': 462,
+    'seborrheic keratosis': 77,
+    'squamous cell carcinoma': 181,
+    'vascular lesion': 139,
+}
+
+
+def lesion_features(class_names: tuple[str, ...], image_size: int) -> tfds.features.FeaturesDict:
+  """The feature spec shared by every builder of this package."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png'),
+      'label': tfds.features.ClassLabel(names=list(class_names)),
+      'file_name': tfds.features.Text(),
+      'group_id': tfds.features.Text(),
+  })

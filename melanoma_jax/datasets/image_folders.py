@@ -1,0 +1,465 @@
+"""Reading `ROOT/<split>/<class>/<image>` trees, shared by the real-data builders.
+
+The scanning, decoding and grouping functions are plain Python so they can be
+tested without TFDS; `FolderBuilder` wires them into a TFDS builder that also
+writes a preparation report next to the prepared files.
+"""
+
+import abc
+import collections
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import unicodedata
+from typing import Any, Iterator, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+import tensorflow_datasets as tfds
+
+from melanoma_jax.datasets import lesion_features
+
+IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png')
+DEFAULT_IMAGE_SIZE = 256
+REPORT_FILE_NAME = 'preparation_report.json'
+# Candidate columns of a groups CSV (ISIC archive, ISIC 2019/2020, HAM10000).
+IMAGE_COLUMNS = ('image', 'image_id', 'image_name', 'isic_id', 'file_name', 'filename')
+# Coarsest first: one patient's lesions share skin and camera, so grouping by
+# patient is the safer guard against train/validation leakage.
+GROUP_COLUMNS = ('patient_id', 'lesion_id')
+
+_IGNORED_NAMES = ('__MACOSX',)  # macOS zip resource forks.
+_SPLIT_NAME = re.compile(r'^[\w-]+$')  # What TFDS split slicing ('train[:80%]') accepts.
+_EXIF_ORIENTATION = 0x0112
+_MODE_NAMES = {
+    '1': 'black-and-white',
+    'L': 'grayscale',
+    'LA': 'grayscale+alpha',
+    'P': 'palette',
+    'PA': 'palette+alpha',
+}
+# What PIL raises on corrupt, truncated or non-image files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class DatasetLayoutError(ValueError):
+  """The data on disk is not laid out as the builder expects."""
+
+
+class UnreadableImageError(ValueError):
+  """An image file cannot be decoded; preparation skips it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+  """One candidate image file found by `scan_tree`."""
+  path: pathlib.Path
+  file_name: str  # Relative to the root, '/'-separated.
+  class_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A file left out of the dataset, with the reason to show the user."""
+  file_name: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderTree:
+  """The images of a tree, per TFDS split name."""
+  root: pathlib.Path
+  class_names: tuple[str, ...]
+  splits: Mapping[str, tuple[ImageRecord, ...]]
+  skipped: tuple[Skipped, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+  """A uint8 RGB square image and the conversions done to get it."""
+  pixels: np.ndarray
+  conversions: tuple[str, ...]
+
+
+def layout_diagram(root_name: str = 'ROOT',
+                   split_dirs: Sequence[str] = ('Train', 'Test'),
+                   class_dirs: Sequence[str] = ('<class A>', '<class B>')) -> str:
+  """Draws the expected folder tree, so errors show what to fix."""
+  first, *others = split_dirs
+  lines = [f'{root_name}/', f'  {first}/']
+  for i, name in enumerate(class_dirs):
+    lines.append(f'    {name}/')
+    if i == 0:
+      lines.append('      <images: .jpg .jpeg .png .bmp, any case>')
+  lines += [f'  {split}/   (the same class folders as {first}/)' for split in others]
+  return '\n'.join(lines)
+
+
+def split_name(folder_name: str) -> str:
+  """TFDS split name of a split folder: 'Train' -> 'train'."""
+  name = folder_name.lower()
+  if not _SPLIT_NAME.match(name) or name == 'all':
+    raise DatasetLayoutError(
+        f'Split folder {folder_name!r} cannot be a TFDS split name: rename it using only '
+        "letters, digits, '_' or '-' (and not 'all').")
+  return name
+
+
+def _visible(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Sorted entries of a folder, without hidden files and zip artifacts."""
+  return sorted(p for p in folder.iterdir()
+                if not p.name.startswith('.') and p.name not in _IGNORED_NAMES)
+
+
+def _has_split_dirs(folder: pathlib.Path, splits: Sequence[str]) -> bool:
+  return any(p.is_dir() and p.name.lower() in splits for p in _visible(folder))
+
+
+def find_root(path: os.PathLike[str] | str, splits: Sequence[str]) -> pathlib.Path:
+  """Returns `path`, or its only subfolder holding split folders.
+
+  Users point at the archive folder or at the folder they extracted it into;
+  both work.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir() or _has_split_dirs(path, splits):
+    return path
+  candidates = [p for p in _visible(path) if p.is_dir() and _has_split_dirs(p, splits)]
+  if len(candidates) > 1:
+    raise DatasetLayoutError(
+        f'{path} holds several dataset folders: {[p.name for p in candidates]}; '
+        'point at the one to use.')
+  return candidates[0] if candidates else path
+
+
+def _split_dirs(root: pathlib.Path, splits: Sequence[str] | None,
+                help_text: str) -> dict[str, pathlib.Path]:
+  """Maps TFDS split names to their folders under `root`."""
+  entries = _visible(root)
+  if not entries:
+    raise DatasetLayoutError(f'Dataset folder {root} is empty.\n{help_text}')
+  found = {}
+  for folder in (p for p in entries if p.is_dir()):
+    if splits is not None and folder.name.lower() not in splits:
+      continue
+    name = split_name(folder.name)
+    if name in found:
+      raise DatasetLayoutError(
+          f'Folders {found[name].name!r} and {folder.name!r} in {root} are both split '
+          f'{name!r}; keep one.')
+    found[name] = folder
+  missing = [s for s in splits or () if s not in found]
+  if missing or not found:
+    wanted = ', '.join(f'{s.capitalize()}/' for s in missing) or 'one folder per split'
+    raise DatasetLayoutError(
+        f'Dataset folder {root} lacks {wanted} (any case); it holds '
+        f'{[p.name for p in entries]}.\n{help_text}')
+  return found if splits is None else {s: found[s] for s in splits}
+
+
+def _class_dirs(split_dir: pathlib.Path, root: pathlib.Path, help_text: str,
+                skipped: list[Skipped]) -> dict[str, pathlib.Path]:
+  """Class folders of one split; stray files go to `skipped`."""
+  classes = {}
+  for entry in _visible(split_dir):
+    if entry.is_dir():
+      classes[entry.name] = entry
+    else:
+      skipped.append(Skipped(entry.relative_to(root).as_posix(), 'not inside a class folder'))
+  if not classes:
+    raise DatasetLayoutError(
+        f'Split folder {split_dir} has no class folders; if it holds the images directly, '
+        f'the dataset folder is one level too deep.\n{help_text}')
+  return classes
+
+
+def _check_classes(classes_per_split: Mapping[str, Sequence[str]],
+                   expected: Sequence[str] | None) -> tuple[str, ...]:
+  """Returns the sorted class names; they must agree across splits."""
+  union = set().union(*classes_per_split.values())
+  lacking = {split: sorted(union - set(names))
+             for split, names in classes_per_split.items() if union - set(names)}
+  if lacking:
+    details = '; '.join(f'{split} lacks {names}' for split, names in lacking.items())
+    raise DatasetLayoutError(f'Class folders differ between splits: {details}.')
+  if expected is not None and union != set(expected):
+    raise DatasetLayoutError(
+        f'Class folders do not match the expected classes: unexpected '
+        f'{sorted(union - set(expected))}, missing {sorted(set(expected) - union)}.')
+  return tuple(sorted(union))
+
+
+def scan_tree(root: os.PathLike[str] | str, *, splits: Sequence[str] | None = None,
+              class_names: Sequence[str] | None = None,
+              help_text: str | None = None) -> FolderTree:
+  """Lists the images of a `ROOT/<split>/<class>/<image>` tree, checking its layout.
+
+  Args:
+    root: the dataset folder.
+    splits: TFDS split names to read (folders match in any case); None reads
+      every folder.
+    class_names: the classes the folders must name; None takes them from the
+      folders.
+    help_text: what layout errors show the user (expected tree, data source).
+
+  Returns:
+    The tree; non-image entries in class folders are listed as skipped.
+
+  Raises:
+    DatasetLayoutError: with what to fix.
+  """
+  root = pathlib.Path(root).absolute()
+  help_text = help_text or f'Expected layout:\n{layout_diagram()}'
+  if not root.is_dir():
+    raise DatasetLayoutError(f'Dataset folder {root} does not exist.\n{help_text}')
+  skipped = []
+  split_dirs = _split_dirs(root, splits, help_text)
+  class_dirs = {split: _class_dirs(folder, root, help_text, skipped)
+                for split, folder in split_dirs.items()}
+  names = _check_classes({split_dirs[s].name: list(c) for s, c in class_dirs.items()},
+                         class_names)
+  records = {}
+  empty = []
+  for split, classes in class_dirs.items():
+    records[split] = []
+    for class_name, folder in classes.items():
+      images = []
+      for entry in _visible(folder):
+        file_name = entry.relative_to(root).as_posix()
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+          images.append(ImageRecord(entry, file_name, class_name))
+        elif entry.is_dir():
+          skipped.append(Skipped(file_name, 'folder inside a class folder (not read)'))
+        else:
+          skipped.append(Skipped(file_name, f'unsupported extension {entry.suffix!r}'))
+      records[split] += images
+      if not images:
+        empty.append(folder.relative_to(root).as_posix())
+  if empty:
+    raise DatasetLayoutError(
+        f'Class folders without images ({", ".join(IMAGE_EXTENSIONS)}) in {root}: {empty}. '
+        'Add images or remove the folders from every split.')
+  return FolderTree(root, names, {s: tuple(r) for s, r in records.items()}, tuple(skipped))
+
+
+def group_key(file_name: str) -> str:
+  """Matches an image to a CSV entry written with or without folder or extension."""
+  name = pathlib.PurePath(file_name.replace('\\', '/')).name
+  if pathlib.PurePath(name).suffix.lower() in IMAGE_EXTENSIONS:
+    name = pathlib.PurePath(name).stem
+  return unicodedata.normalize('NFC', name)  # macOS file systems store NFD.
+
+
+def read_groups_csv(path: os.PathLike[str] | str) -> dict[str, str]:
+  """Maps `group_key`s to lesion or patient ids, so splits can keep a group together."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DatasetLayoutError(f'Groups CSV {path} not found.')
+  with path.open(newline='', encoding='utf-8-sig') as f:
+    reader = csv.DictReader(f)
+    columns = reader.fieldnames or []
+    image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    group_columns = [c for c in GROUP_COLUMNS if c in columns]
+    if image_column is None or not group_columns:
+      raise DatasetLayoutError(
+          f'Groups CSV {path} needs an image column (one of {list(IMAGE_COLUMNS)}) and a '
+          f'group column (one of {list(GROUP_COLUMNS)}); it has {columns}.')
+    groups = {}
+    for row in reader:
+      group = next((v for v in ((row.get(c) or '').strip() for c in group_columns) if v), '')
+      if not group:
+        continue
+      key = group_key(row[image_column] or '')
+      if groups.setdefault(key, group) != group:
+        raise DatasetLayoutError(
+            f'Groups CSV {path} gives image {key!r} two groups: {groups[key]!r} and {group!r}.')
+  return groups
+
+
+def group_id(file_name: str, groups: Mapping[str, str] | None) -> str:
+  """The image's group: '' without a CSV (unknown, per the contract), else its CSV group.
+
+  An image the CSV lacks is its own group, so a grouped split still works.
+  """
+  if groups is None:
+    return ''
+  return groups.get(group_key(file_name), file_name)
+
+
+def _to_8bit(values: np.ndarray) -> np.ndarray:
+  """Scales 16-bit samples to 8 bits with rounding; PIL's `convert` clips at 255."""
+  wide = np.clip(values.astype(np.int64), 0, 65535)
+  return ((wide + 128) // 257).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+  """Converts any PIL mode to RGB; returns the conversion done, if any."""
+  mode = image.mode
+  name = _MODE_NAMES.get(mode, mode)
+  if mode.startswith('I'):  # 'I;16', 'I;16B', 'I': a 16-bit grayscale PNG.
+    gray = Image.fromarray(_to_8bit(np.asarray(image)))
+    return gray.convert('RGB'), '16-bit grayscale -> 8-bit RGB'
+  if image.has_transparency_data:
+    rgba = image.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert('RGB'), (
+        f'{name} -> RGB (alpha composited on white)')
+  if mode == 'RGB':
+    return image, None
+  return image.convert('RGB'), f'{name} -> RGB'
+
+
+def _normalize(image: Image.Image, image_size: int) -> DecodedImage:
+  conversions = []
+  if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    image = ImageOps.exif_transpose(image)
+    conversions.append('EXIF orientation applied')
+  image, conversion = _to_rgb(image)
+  if conversion:
+    conversions.append(conversion)
+  if min(image.size) < image_size:
+    conversions.append(f'upscaled (a side under {image_size} px)')
+  if image.size != (image_size, image_size):
+    image = image.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+  return DecodedImage(np.asarray(image, dtype=np.uint8), tuple(conversions))
+
+
+def decode_image(path: os.PathLike[str] | str, image_size: int) -> DecodedImage:
+  """Decodes any supported image to uint8 RGB, resized once to a square.
+
+  Raises:
+    UnreadableImageError: corrupt, truncated or non-image file.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()  # Decode now, so truncation shows up here.
+      return _normalize(image, image_size)
+  except Image.UnidentifiedImageError as error:
+    raise UnreadableImageError('not an image file (unrecognised format)') from error
+  except _DECODE_ERRORS as error:
+    raise UnreadableImageError(
+        f'corrupt, truncated or unsupported ({type(error).__name__}: {error})') from error
+
+
+class PreparationReport:
+  """What a preparation read, skipped and converted, for the user to audit."""
+
+  def __init__(self, dataset: str, tree: FolderTree, image_size: int,
+               groups_csv: str | None):
+    self._header = {'dataset': dataset, 'root': str(tree.root), 'image_size': image_size,
+                    'class_names': list(tree.class_names)}
+    self._counts = {split: dict.fromkeys(tree.class_names, 0) for split in tree.splits}
+    self._conversions = collections.Counter()
+    self._skipped = list(tree.skipped)
+    self._groups = None if groups_csv is None else {
+        'csv': str(groups_csv), 'images_in_csv': 0, 'images_not_in_csv': 0}
+
+  def add(self, split: str, class_name: str, conversions: Sequence[str],
+          in_groups_csv: bool) -> None:
+    """Counts one written image."""
+    self._counts[split][class_name] += 1
+    self._conversions.update(conversions)
+    if self._groups is not None:
+      self._groups['images_in_csv' if in_groups_csv else 'images_not_in_csv'] += 1
+
+  def skip(self, file_name: str, reason: str) -> None:
+    """Records a file that could not be decoded."""
+    self._skipped.append(Skipped(file_name, reason))
+
+  def as_dict(self) -> dict[str, Any]:
+    """The report as written to `REPORT_FILE_NAME`."""
+    return {
+        **self._header,
+        'counts': self._counts,
+        'totals': {split: sum(c.values()) for split, c in self._counts.items()},
+        'conversions': dict(sorted(self._conversions.items())),
+        'skipped': [dataclasses.asdict(s) for s in self._skipped],
+        'groups': self._groups,
+    }
+
+  def summary(self) -> str:
+    """One line per split, conversion and skipped file, for the log."""
+    report = self.as_dict()
+    lines = [f'{split}: {n} images' for split, n in report['totals'].items()]
+    lines += [f'{n} {what}' for what, n in report['conversions'].items()]
+    lines += [f'skipped {s["file_name"]}: {s["reason"]}' for s in report['skipped']]
+    return '\n'.join(lines)
+
+
+@dataclasses.dataclass(eq=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  """Stored resolution and optional groups CSV; the name must tell configs apart."""
+  image_size: int = DEFAULT_IMAGE_SIZE
+  groups_csv: str | None = None
+
+
+class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder reading a `ROOT/<split>/<class>/<image>` tree into `lesion_features`."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [FolderConfig(
+      name=f'{DEFAULT_IMAGE_SIZE}px',
+      description=f'Images stored at {DEFAULT_IMAGE_SIZE}x{DEFAULT_IMAGE_SIZE}, no groups CSV.')]
+  HOMEPAGE: str | None = None
+
+  @abc.abstractmethod
+  def _class_names(self) -> tuple[str, ...]:
+    """The label names, needed before preparation."""
+
+  @abc.abstractmethod
+  def _scan(self, dl_manager: tfds.download.DownloadManager) -> FolderTree:
+    """Finds and checks the tree to prepare."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=lesion_features(self._class_names(), self.builder_config.image_size),
+        supervised_keys=('image', 'label'),
+        homepage=self.HOMEPAGE,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    tree = self._scan(dl_manager)
+    config = self.builder_config
+    groups = None if config.groups_csv is None else read_groups_csv(config.groups_csv)
+    self._report = PreparationReport(self.name, tree, config.image_size, config.groups_csv)
+    return {split: self._generate_examples(split, records, groups)
+            for split, records in tree.splits.items()}
+
+  def _generate_examples(self, split: str, records: Sequence[ImageRecord],
+                         groups: Mapping[str, str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    for record in records:
+      try:
+        decoded = decode_image(record.path, self.builder_config.image_size)
+      except UnreadableImageError as error:
+        self._report.skip(record.file_name, str(error))
+        continue
+      in_csv = groups is not None and group_key(record.file_name) in groups
+      self._report.add(split, record.class_name, decoded.conversions, in_csv)
+      yield record.file_name, {
+          'image': decoded.pixels,
+          'label': record.class_name,
+          'file_name': record.file_name,
+          'group_id': group_id(record.file_name, groups),
+      }
+
+  def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
+                            download_config: tfds.download.DownloadConfig) -> None:
+    # Runs inside TFDS's temporary dir, so the report lands with the data or not at all.
+    self._report = None
+    super()._download_and_prepare(dl_manager, download_config)
+    if self._report is not None:  # None when max_examples_per_split=0 skipped generation.
+      (self.data_path / REPORT_FILE_NAME).write_text(
+          json.dumps(self._report.as_dict(), indent=2, ensure_ascii=False), encoding='utf-8')
+      logging.info('Prepared %s:\n%s', self.name, self._report.summary())
+
+  def preparation_report(self) -> dict[str, Any]:
+    """The report written by `download_and_prepare`: counts, skips, conversions."""
+    return json.loads((self.data_path / REPORT_FILE_NAME).read_text(encoding='utf-8'))

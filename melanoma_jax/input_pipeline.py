@@ -1,0 +1,231 @@
+"""Data: load a TFDS dataset, split it, and feed per-host device batches.
+
+Train/validation is split on whole groups (lesion or patient; each image is
+its own group when nothing better is known), stratified by class, before any
+augmentation, so no image or copy of one lands on both sides. Test is only
+for the final evaluation.
+
+Splits are held in memory as uint8 arrays at the training resolution (the
+ISIC archive at 180x180 is ~220 MB). The training stream is a tf.data
+pipeline over indices into them, seeded per epoch, so epoch `e` yields the
+same batches whether or not the run was resumed.
+"""
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from melanoma_jax import datasets
+
+# Importing the builder modules registers them with TFDS.
+from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """One split in memory: images [N, H, W, 3] uint8 and integer labels [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+  file_names: np.ndarray
+  group_ids: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, indices: np.ndarray) -> 'Examples':
+    return Examples(self.images[indices], self.labels[indices],
+                    self.file_names[indices], self.group_ids[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The three splits the training loop uses, and the label names."""
+  train: Examples
+  val: Examples
+  test: Examples
+  class_names: tuple[str, ...]
+
+
+class DataError(ValueError):
+  """A dataset that cannot be used as configured; the message says why."""
+
+
+def prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset`, prepared once on first use."""
+  # image_folder discovers its class names from the tree when constructed.
+  kwargs = {'manual_dir': config.manual_dir} if config.dataset.startswith('image_folder') else {}
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f'Unknown dataset {config.dataset!r} (config.dataset). {e}') from e
+  if not builder.is_prepared():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  return builder
+
+
+def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:
+  """All examples of `split`, resized to image_size, in the builder's order."""
+
+  def resize(example):
+    image = tf.image.resize(example['image'], (image_size, image_size), antialias=True)
+    return {**example, 'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
+
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
+  parts = list(tfds.as_numpy(ds))
+  if not parts:
+    raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
+  cat = lambda key: np.concatenate([p[key] for p in parts])
+  file_names = cat('file_name').astype(str)
+  # An image with no known lesion or patient is a group of its own.
+  group_ids = np.where(cat('group_id') == b'', file_names, cat('group_id').astype(str))
+  return Examples(cat('image'), cat('label').astype(np.int32), file_names, group_ids)
+
+
+def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted (train, val) indices: stratified by class, whole groups per side.
+
+  A group's class is the label of its first image. Every class with at
+  least two groups puts at least one group in validation.
+  """
+  groups, first, inverse = np.unique(group_ids, return_index=True, return_inverse=True)
+  group_labels = labels[first]
+  rng = np.random.default_rng(seed)
+  val_groups = []
+  for label in np.unique(group_labels):
+    members = np.flatnonzero(group_labels == label)
+    n_val = int(round(len(members) * val_fraction))
+    if len(members) >= 2:
+      n_val = min(max(n_val, 1), len(members) - 1)
+    val_groups.append(rng.permutation(members)[:n_val])
+  is_val = np.zeros(len(groups), bool)
+  is_val[np.concatenate(val_groups)] = True
+  return np.flatnonzero(~is_val[inverse]), np.flatnonzero(is_val[inverse])
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Reads Train and Test, maps labels to the task, splits off validation."""
+  builder = prepared_builder(config)
+  class_names = tuple(builder.info.features['label'].names)
+  train_full = _read_split(builder, 'train', config.image_size)
+  test = _read_split(builder, 'test', config.image_size)
+  if config.task == 'melanoma_vs_rest':
+    if datasets.MELANOMA not in class_names:
+      raise DataError(f'task=melanoma_vs_rest needs a {datasets.MELANOMA!r} class; '
+                      f'{config.dataset} has {class_names}.')
+    melanoma = class_names.index(datasets.MELANOMA)
+    binary = lambda ex: dataclasses.replace(ex, labels=(ex.labels == melanoma).astype(np.int32))
+    train_full, test = binary(train_full), binary(test)
+    class_names = ('other', datasets.MELANOMA)
+  elif config.task != 'multiclass':
+    raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
+  train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
+                                      config.val_fraction, config.seed)
+  return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names)
+
+
+def host_shard(examples: Examples) -> Examples:
+  """This process's disjoint share of a split."""
+  return examples.take(np.arange(jax.process_index(), len(examples), jax.process_count()))
+
+
+def _augment(image: tf.Tensor, seed: tf.Tensor, augment: ml_collections.ConfigDict) -> tf.Tensor:
+  """Random flips, rotation and zoom, a pure function of (image, seed)."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if augment.flips:
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+  max_angle = augment.rotation_degrees * math.pi / 180.0
+  angle = tf.random.stateless_uniform([], seeds[2], -max_angle, max_angle)
+  scale = tf.random.stateless_uniform([], seeds[3], 1.0 - augment.zoom, 1.0 + augment.zoom)
+  size = tf.cast(tf.shape(image)[:2], tf.float32)
+  cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
+  # Output pixel p samples input pixel centre + R(angle) (p - centre) / scale.
+  a0, a1 = tf.cos(angle) / scale, -tf.sin(angle) / scale
+  b0, b1 = tf.sin(angle) / scale, tf.cos(angle) / scale
+  transform = tf.stack([a0, a1, cx - a0 * cx - a1 * cy,
+                        b0, b1, cy - b0 * cx - b1 * cy, 0.0, 0.0])
+  image = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(image, tf.float32)[None], transforms=transform[None],
+      output_shape=tf.shape(image)[:2], fill_value=0.0,
+      interpolation='BILINEAR', fill_mode='REFLECT')[0]
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
+  """An epoch is as many examples as the train split holds, rounded up to whole batches."""
+  return max(1, math.ceil(num_train_examples / global_batch_size))
+
+
+def _index_stream(labels: np.ndarray, balance: bool, num_classes: int, seed: int) -> tf.data.Dataset:
+  """Endless shuffled indices; balanced: every class equally likely per example."""
+  if not balance:
+    return tf.data.Dataset.range(len(labels)).shuffle(len(labels), seed=seed).repeat()
+  per_class = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) == 0:
+      raise DataError(f'Class {c} has no training examples on this host; cannot balance classes.')
+    per_class.append(tf.data.Dataset.from_tensor_slices(members.astype(np.int64))
+                     .shuffle(len(members), seed=seed + c).repeat())
+  return tf.data.Dataset.sample_from_datasets(
+      per_class, weights=[1.0 / num_classes] * num_classes, seed=seed)
+
+
+def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
+                  epoch: int, num_steps: int) -> Iterator[Batch]:
+  """One epoch of this host's training batches, [local_devices, per_device, ...].
+
+  `train` is this host's share (`host_shard`); seeds depend on (seed, epoch,
+  host), so an epoch's stream is reproducible.
+  """
+  devices = jax.local_device_count()
+  local_batch = config.batch_size // jax.process_count()
+  seed = (config.seed * 1_000_003 + epoch) * 1009 + jax.process_index()
+  images = tf.constant(train.images)
+  labels = tf.constant(train.labels)
+
+  def example(position, index):
+    image = tf.gather(images, index)
+    if config.augment.enabled:
+      image = _augment(image, tf.stack([tf.constant(seed, tf.int64), position]), config.augment)
+    return {'image': image, 'label': tf.gather(labels, index)}
+
+  ds = _index_stream(train.labels, config.balance_classes, num_classes, seed)
+  ds = ds.take(num_steps * local_batch).enumerate()
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(lambda b: tf.nest.map_structure(
+      lambda x: tf.reshape(x, (devices, local_batch // devices, *x.shape[1:])), b))
+  return iter(tfds.as_numpy(ds.prefetch(2)))
+
+
+def eval_batches(examples: Examples, global_batch_size: int) -> Iterator[Batch]:
+  """This host's batches of a split, each example exactly once.
+
+  The last batch is padded and `mask` is 0 on padding; every host runs the
+  same number of batches (that of the largest host share), as collective
+  evaluation steps require.
+  """
+  devices = jax.local_device_count()
+  local_batch = global_batch_size // jax.process_count()
+  largest_share = math.ceil(len(examples) / jax.process_count())
+  num_batches = max(1, math.ceil(largest_share / local_batch))
+  mine = host_shard(examples)
+  padded = num_batches * local_batch
+  pad = lambda x: np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
+  arrays = {'image': pad(mine.images), 'label': pad(mine.labels),
+            'mask': pad(np.ones(len(mine), np.int32))}
+  for b in range(num_batches):
+    yield {k: v[b * local_batch:(b + 1) * local_batch].reshape(devices, local_batch // devices, *v.shape[1:])
+           for k, v in arrays.items()}

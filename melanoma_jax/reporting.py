@@ -1,0 +1,66 @@
+"""Side effects of a run's progress: history file, TensorBoard and curves.
+
+Only process 0 writes; every function here is a no-op elsewhere.
+"""
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import matplotlib
+import tensorflow as tf
+from etils import epath
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def read_history(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  path = epath.Path(workdir) / 'history.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_history(workdir: epath.PathLike, history: Sequence[dict[str, Any]]) -> None:
+  """Rewrites history.jsonl whole, so it always matches the checkpointed run."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / 'history.jsonl'
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(''.join(json.dumps(row) + '\n' for row in history))
+  tmp.rename(path)
+
+
+def write_summaries(writer: tf.summary.SummaryWriter | None, row: dict[str, Any]) -> None:
+  """Scalars of one history row, at its training step."""
+  if writer is None:
+    return
+  with writer.as_default():
+    for key, value in row.items():
+      if key not in ('epoch', 'step') and isinstance(value, (int, float)):
+        tf.summary.scalar(key, value, step=row['step'])
+  writer.flush()
+
+
+def plot_curves(workdir: epath.PathLike, history: Sequence[dict[str, Any]]) -> None:
+  """curves.png: accuracy, loss and learning rate per epoch, train vs validation."""
+  if jax.process_index() != 0 or not history:
+    return
+  epochs = [row['epoch'] for row in history]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, metric in zip(axes[:2], ('accuracy', 'loss')):
+    ax.plot(epochs, [row[f'train_{metric}'] for row in history], 'o-', label='train')
+    ax.plot(epochs, [row[f'val_{metric}'] for row in history], 'o-', label='validation')
+    ax.set(xlabel='epoch', ylabel=metric, title=metric)
+    ax.legend()
+  axes[0].plot(epochs, [row['val_balanced_accuracy'] for row in history], 's--',
+               label='validation (balanced)')
+  axes[0].legend()
+  axes[2].semilogy(epochs, [row['lr'] for row in history], 'o-')
+  axes[2].set(xlabel='epoch', ylabel='learning rate', title='learning rate')
+  fig.tight_layout()
+  with (epath.Path(workdir) / 'curves.png').open('wb') as f:
+    fig.savefig(f, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,147 @@
+"""The functional core: train state, loss, metrics and the per-device steps.
+
+`train_step` and `eval_step` are pure functions of (state, batch). They are
+written per device with an optional `axis_name`: under `jax.pmap` or
+`jax.shard_map` the collectives average gradients and BatchNorm statistics
+and sum metrics over that axis; with `axis_name=None` they run under plain
+`jax.jit` on one device.
+
+Metrics are `{name: (sum, count)}` pairs summed over devices, so the host
+divides once and means are exact whatever the batch split or padding.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from melanoma_jax import optim
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step needs and a checkpoint keeps.
+
+  `model` and `tx` are static (not pytree leaves): they are configuration,
+  rebuilt from the config file on restore.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optim.OptState
+  rng: jax.Array
+  model: nn.Module = struct.field(pytree_node=False)
+  tx: optim.PlateauOptimizer = struct.field(pytree_node=False)
+
+  @property
+  def num_outputs(self) -> int:
+    return self.params['head']['kernel'].shape[-1]
+
+
+def create_train_state(rng: jax.Array, model: nn.Module,
+                       tx: optim.PlateauOptimizer,
+                       image_shape: tuple[int, int, int]) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and optimizer state."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
+  params = variables['params']
+  return TrainState(
+      step=jnp.asarray(0, jnp.int32), params=params,
+      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+      rng=jax.random.key_data(state_rng), model=model, tx=tx)
+
+
+def head_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example loss; the head decides it, so the two can never disagree.
+
+  One unit is a sigmoid with binary cross-entropy on {0, 1} labels; more
+  units are a softmax with cross-entropy on integer labels.
+  """
+  if logits.shape[-1] == 1:
+    return optax.sigmoid_binary_cross_entropy(logits[..., 0], labels.astype(logits.dtype))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def head_probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities [batch, max(units, 2)]; a 1-unit head gives [1-p, p]."""
+  if logits.shape[-1] == 1:
+    p1 = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1.0 - p1, p1], axis=-1)
+  return jax.nn.softmax(logits)
+
+
+def _metrics(loss: jax.Array, predicted: jax.Array, labels: jax.Array,
+             weights: jax.Array, num_classes: int,
+             axis_name: str | None) -> Metrics:
+  """(sum, count) pairs over the weighted examples, summed over devices."""
+  count = jnp.sum(weights)
+  confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predicted].add(weights)
+  metrics = {
+      'loss': (jnp.sum(loss * weights), count),
+      'accuracy': (jnp.sum((predicted == labels) * weights), count),
+      'confusion': (confusion, count),
+  }
+  return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
+
+
+def _dropout_rng(state: TrainState, axis_name: str | None) -> jax.Array:
+  """A fresh key per step and per device, derived from the state alone."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  return rng
+
+
+def train_step(state: TrainState, batch: Batch,
+               axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+  """One optimizer step on this device's share of the global batch."""
+  model = state.model.clone(axis_name=axis_name)
+  labels = batch['label']
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=True, rngs={'dropout': _dropout_rng(state, axis_name)},
+        mutable=['batch_stats'])
+    loss = head_loss(logits, labels)
+    predicted = jnp.argmax(head_probabilities(logits), axis=-1)
+    return jnp.mean(loss), (loss, predicted, updates['batch_stats'])
+
+  params = state.params
+  if axis_name is not None:
+    # Differentiate per device, then average explicitly: shard_map would
+    # otherwise sum the gradients of device-invariant params implicitly.
+    params = jax.lax.pcast(params, axis_name, to='varying')
+  grads, (loss, predicted, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats, opt_state=opt_state)
+  metrics = _metrics(loss, predicted, labels, jnp.ones_like(loss),
+                     max(state.num_outputs, 2), axis_name)
+  return new_state, metrics
+
+
+def predict(state: TrainState, images: jax.Array) -> jax.Array:
+  """Class probabilities [batch, classes] in evaluation mode."""
+  logits = state.model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
+  return head_probabilities(logits)
+
+
+def eval_step(state: TrainState, batch: Batch,
+              axis_name: str | None = None) -> Metrics:
+  """Metrics of one evaluation batch; `batch['mask']` zeroes padding."""
+  logits = state.model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      batch['image'], train=False)
+  predicted = jnp.argmax(head_probabilities(logits), axis=-1)
+  return _metrics(head_loss(logits, batch['label']), predicted, batch['label'], batch['mask'].astype(jnp.float32),
+                  max(state.num_outputs, 2), axis_name)

@@ -1,0 +1,194 @@
+"""The training loop: epochs of pmapped steps, evaluation, checkpoints, logs.
+
+All side effects of training live here (and in `reporting`); the maths is in
+`steps`, `optim` and `models`.
+"""
+
+import functools
+import json
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from absl import logging
+from etils import epath
+
+from melanoma_jax import input_pipeline, metrics as metrics_lib, models, optim, reporting, steps
+
+AXIS = 'batch'
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message says which field to change."""
+
+
+def derive_bn_momentum(steps_per_epoch: int) -> float:
+  """A BatchNorm momentum whose running statistics track the current weights.
+
+  With Keras' 0.99 the running statistics average over ~100 steps; on a
+  dataset of a few dozen steps per epoch they still carry the random-init
+  statistics after the first epochs, and validation accuracy sits near
+  chance while training accuracy climbs. An averaging window of a fifth of
+  an epoch forgets the initial values within the first epoch.
+  """
+  return float(np.clip(1.0 - 5.0 / steps_per_epoch, 0.5, 0.99))
+
+
+def num_outputs(config: ml_collections.ConfigDict, num_classes: int) -> int:
+  """Head units for the label space: 1 (sigmoid) for 2 classes, else one per class."""
+  expected = 1 if num_classes == 2 else num_classes
+  requested = config.model.num_outputs
+  if requested is not None and requested != expected and not (num_classes == 2 and requested == 2):
+    raise ConfigError(
+        f'config.model.num_outputs={requested} cannot match {num_classes} classes '
+        f'(task={config.task}): a 1-unit sigmoid head needs exactly 2 classes and a softmax head one '
+        f'unit per class. Use num_outputs={expected} or leave it unset.')
+  return expected if requested is None else requested
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any data or compilation, on values that cannot work."""
+  devices = jax.device_count()
+  if config.batch_size <= 0 or config.batch_size % devices:
+    raise ConfigError(f'config.batch_size={config.batch_size} must be a positive multiple of the '
+                      f'{devices} devices, so each gets an equal share.')
+  if config.model.name != 'seed_cnn':
+    raise ConfigError(f"config.model.name={config.model.name!r}; available: 'seed_cnn'.")
+  if config.image_size < 30:
+    raise ConfigError(f'config.image_size={config.image_size} is too small for seed_cnn '
+                      '(four valid 3x3 convolutions and three 2x2 poolings need >= 30).')
+  if not 0 < config.val_fraction < 1:
+    raise ConfigError(f'config.val_fraction={config.val_fraction} must be in (0, 1).')
+  if config.num_epochs < 1:
+    raise ConfigError(f'config.num_epochs={config.num_epochs} must be >= 1.')
+  optim.make_optimizer(config)  # raises on invalid plateau settings
+
+
+def _checkpoint_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
+  """Keeps the last `keep` checkpoints and the best by validation loss."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m['val_loss'], n=1),
+  ])
+  return ocp.CheckpointManager(
+      workdir / 'checkpoints', item_names=('state', 'meta'),
+      options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state: steps.TrainState) -> tuple[steps.TrainState, dict]:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+  return restored.state, restored.meta
+
+
+def evaluate(p_eval, state: steps.TrainState, examples: input_pipeline.Examples,
+             batch_size: int, prefix: str) -> dict[str, Any]:
+  total = None
+  for batch in input_pipeline.eval_batches(examples, batch_size):
+    total = metrics_lib.accumulate(total, p_eval(state, batch))
+  return metrics_lib.summarize(total, prefix)
+
+
+def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
+  return ' '.join(f'{k}={summary[k]:.4f}' for k in keys)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, resuming from `workdir` if it holds checkpoints; returns Test metrics.
+
+  Test is evaluated once, at the end, with the checkpoint of lowest
+  validation loss.
+  """
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data = input_pipeline.load_data(config)
+  num_classes = len(data.class_names)
+  outputs = num_outputs(config, num_classes)
+  train_examples = input_pipeline.host_shard(data.train)
+  epoch_steps = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
+  bn_momentum = config.model.bn_momentum or derive_bn_momentum(epoch_steps)
+  logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; '
+               'BatchNorm momentum %.3f', data.class_names, len(data.train), len(data.val),
+               len(data.test), epoch_steps, bn_momentum)
+
+  model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
+                         bn_momentum=bn_momentum)
+  tx = optim.make_optimizer(config)
+  state = steps.create_train_state(jax.random.key(config.seed), model, tx,
+                                   (config.image_size, config.image_size, 3))
+  manager = _checkpoint_manager(workdir, config.checkpoints_to_keep)
+  history = []
+  if manager.latest_step() is not None:
+    state, meta = _restore(manager, manager.latest_step(), state)
+    history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta['epoch']]
+    logging.info('Resumed from step %d (epoch %d) in %s', int(state.step), meta['epoch'], workdir)
+  reporting.write_history(workdir, history)
+  start_epoch = len(history)
+
+  p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
+                     in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(steps.eval_step, axis_name=AXIS), axis_name=AXIS,
+                    in_axes=(None, 0), out_axes=None)
+  writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
+
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    epoch_start = time.perf_counter()
+    window_start, window_step = epoch_start, 0
+    total = None
+    batches = input_pipeline.train_batches(train_examples, config, num_classes, epoch, epoch_steps)
+    for i, batch in enumerate(batches, 1):
+      state, step_metrics = p_train(state, batch)
+      total = metrics_lib.accumulate(total, step_metrics)
+      if i % config.log_every_steps == 0 or i == epoch_steps:
+        jax.block_until_ready(total)
+        now = time.perf_counter()
+        rate = (i - window_step) * config.batch_size / (now - window_start)
+        remaining = (config.num_epochs - epoch) * epoch_steps + epoch_steps - i
+        logging.info('epoch %d/%d step %d/%d: %.1f images/s, ETA %s', epoch, config.num_epochs, i,
+                     epoch_steps, rate, time.strftime('%H:%M:%S', time.gmtime(
+                         remaining * config.batch_size / rate)))
+        window_start, window_step = now, i
+    row = {'epoch': epoch, 'step': int(state.step), 'lr': tx.current_learning_rate(state.opt_state)}
+    row.update(metrics_lib.summarize(total, 'train'))
+    if not math.isfinite(row['train_loss']):
+      raise FloatingPointError(
+          f'Training loss is {row["train_loss"]} in epoch {epoch} (step {int(state.step)}); '
+          f'nothing of this epoch was saved. Last good checkpoint: step {manager.latest_step()} '
+          f'in {workdir / "checkpoints"}. Lower config.learning_rate and rerun to resume from it.')
+    row.update(evaluate(p_eval, state, data.val, config.batch_size, 'val'))
+    epoch_seconds = time.perf_counter() - epoch_start
+    row.update(epoch_seconds=epoch_seconds,
+               images_per_sec=epoch_steps * config.batch_size / epoch_seconds)
+    if config.plateau.enabled:
+      state = state.replace(opt_state=tx.end_epoch(state.opt_state, row['val_loss']))
+    manager.save(int(state.step), metrics={'val_loss': row['val_loss']}, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({'epoch': epoch})))
+    manager.wait_until_finished()
+    history.append(row)
+    reporting.write_history(workdir, history)
+    reporting.write_summaries(writer, row)
+    reporting.plot_curves(workdir, history)
+    logging.info('epoch %d: %s lr=%.2e (%.1f s, %.1f images/s)', epoch, _format(row, (
+        'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
+                 row['lr'], epoch_seconds, row['images_per_sec'])
+
+  best = min((row for row in history if row['step'] in manager.all_steps()),
+             key=lambda row: row['val_loss'])
+  state, _ = _restore(manager, best['step'], state)
+  manager.close()
+  result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
+  result.update({k: v for k, v in best.items() if k.startswith('val_')})
+  result.update(evaluate(p_eval, state, data.test, config.batch_size, 'test'))
+  if jax.process_index() == 0:
+    (workdir / 'test_metrics.json').write_text(json.dumps(result, indent=2))
+  logging.info('Best epoch %d: %s', best['epoch'], _format(result, ('val_loss', 'val_accuracy', 'val_balanced_accuracy')))
+  logging.info('Test: %s', _format(result, ('test_loss', 'test_accuracy', 'test_balanced_accuracy')))
+  return result
+
