@@ -4,6 +4,8 @@ Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,12 +19,20 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Orbax logs every checkpoint I/O step at INFO; keep the console for progress.
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from melanoma_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from melanoma_jax import input_pipeline, train
+  from melanoma_jax.datasets import image_folders
   logging.info('Config:\n%s', FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
+          FloatingPointError) as e:
+    sys.exit(f'Error: {e}')
 
 
 if __name__ == '__main__':

@@ -30,7 +30,7 @@ def write_history(workdir: epath.PathLike, history: Sequence[dict[str, Any]]) ->
   path = epath.Path(workdir) / 'history.jsonl'
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(''.join(json.dumps(row) + '\n' for row in history))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def write_summaries(writer: tf.summary.SummaryWriter | None, row: dict[str, Any]) -> None:

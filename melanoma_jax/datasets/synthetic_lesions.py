@@ -114,59 +114,54 @@ class _Profile:
 
 _PROFILES = {
     'actinic keratosis': _Profile(
-        size=0.50, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.18,
-        opacity=0.55, color=(0.86, 0.50, 0.48), center_color=(0.80, 0.40, 0.40), center=0.1,
-        mottle=0.15, multicolor=0.0, halo=0.4, network=0.55, network_width=0.55,
-        network_atypia=0.3, dots=0.08, follicles=0.7, keratin=0.45, dotted_vessels=0.3,
-        crust=0.1),
+        size=0.50, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.2,
+        opacity=0.5, color=(0.86, 0.50, 0.48), center_color=(0.80, 0.40, 0.40), center=0.1,
+        mottle=0.15, multicolor=0.0, halo=0.5, network=0.85, network_width=0.6,
+        network_atypia=0.3, dots=0.05, follicles=0.9, keratin=0.3, dotted_vessels=0.2,
+        crust=0.05),
     'basal cell carcinoma': _Profile(
-        size=0.45, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.07,
-        opacity=0.65, color=(0.90, 0.68, 0.66), center_color=(0.85, 0.58, 0.58), center=0.1,
-        mottle=0.1, multicolor=0.0, halo=0.15, arborizing=0.75, nests=0.5, crust=0.3,
-        regression=0.25, dotted_vessels=0.1, keratin=0.1, follicles=0.05),
+        size=0.45, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.05,
+        opacity=0.7, color=(0.90, 0.70, 0.68), center_color=(0.85, 0.58, 0.58), center=0.1,
+        mottle=0.1, multicolor=0.0, halo=0.1, arborizing=0.9, nests=0.6, crust=0.25,
+        regression=0.2, dotted_vessels=0.05, keratin=0.03),
     'dermatofibroma': _Profile(
-        size=0.34, elongation=0.3, asymmetry=0.05, irregularity=0.03, softness=0.12,
-        opacity=0.75, color=(0.66, 0.46, 0.36), center_color=_LIGHT_BROWN, center=0.0,
-        mottle=0.08, multicolor=0.0, halo=0.35, network=0.7, network_width=0.3,
-        network_atypia=0.15, dots=0.1, central_scar=0.8, dotted_vessels=0.15),
+        size=0.32, elongation=0.3, asymmetry=0.05, irregularity=0.03, softness=0.14,
+        opacity=0.7, color=(0.68, 0.47, 0.38), center_color=_LIGHT_BROWN, center=0.0,
+        mottle=0.08, multicolor=0.0, halo=0.4, network=0.85, network_width=0.3,
+        network_atypia=0.1, dots=0.05, central_scar=0.9),
     'melanoma': _Profile(
         size=0.55, elongation=0.35, asymmetry=0.16, irregularity=0.09, softness=0.06,
         opacity=0.95, color=(0.42, 0.26, 0.18), center_color=_BLACK, center=0.3,
-        mottle=0.15, multicolor=0.75, halo=0.05, network=0.5, network_width=0.6,
-        network_atypia=0.8, dots=0.6, dots_peripheral=0.6, streaks=0.4, veil=0.45,
-        regression=0.35, ridges=0.05, milia=0.02, comedos=0.05, dotted_vessels=0.15,
-        nests=0.1, keratin=0.03, crust=0.05),
+        mottle=0.15, multicolor=0.85, halo=0.05, network=0.55, network_width=0.6,
+        network_atypia=0.8, dots=0.6, dots_peripheral=0.6, streaks=0.45, veil=0.5,
+        regression=0.4, ridges=0.03, comedos=0.03, dotted_vessels=0.1, nests=0.05),
     'nevus': _Profile(
         size=0.42, elongation=0.25, asymmetry=0.04, irregularity=0.025, softness=0.10,
-        opacity=0.9, color=_MID_BROWN, center_color=_DARK_BROWN, center=0.45,
-        mottle=0.08, multicolor=0.05, halo=0.0, network=0.6, network_width=0.35,
-        network_atypia=0.1, dots=0.35, dots_peripheral=0.3, streaks=0.03, veil=0.02,
-        regression=0.03, central_scar=0.03, ridges=0.05, milia=0.03, comedos=0.02,
-        dotted_vessels=0.02, nests=0.03),
+        opacity=0.9, color=_MID_BROWN, center_color=_DARK_BROWN, center=0.5,
+        mottle=0.08, multicolor=0.03, halo=0.0, network=0.65, network_width=0.35,
+        network_atypia=0.1, dots=0.4, dots_peripheral=0.3, streaks=0.02, veil=0.02,
+        regression=0.02, ridges=0.03, milia=0.02),
     'pigmented benign keratosis': _Profile(
         size=0.50, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.04,
-        opacity=0.75, color=_LIGHT_BROWN, center_color=_MID_BROWN, center=0.15,
-        mottle=0.15, multicolor=0.1, halo=0.0, network=0.3, network_width=0.45,
-        network_atypia=0.3, dots=0.15, dots_peripheral=0.2, streaks=0.03, veil=0.03,
-        regression=0.1, ridges=0.2, fingerprint=0.5, milia=0.12, comedos=0.15,
-        keratin=0.05),
+        opacity=0.7, color=_LIGHT_BROWN, center_color=_MID_BROWN, center=0.15,
+        mottle=0.15, multicolor=0.05, halo=0.0, network=0.2, network_width=0.45,
+        network_atypia=0.3, dots=0.1, dots_peripheral=0.2, regression=0.05, ridges=0.15,
+        fingerprint=0.75, milia=0.1, comedos=0.1),
     'seborrheic keratosis': _Profile(
         size=0.50, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.025,
         opacity=0.9, color=(0.50, 0.34, 0.24), center_color=_DARK_BROWN, center=0.2,
-        mottle=0.2, multicolor=0.1, halo=0.0, network=0.08, dots=0.1,
-        regression=0.05, ridges=0.65, fingerprint=0.2, milia=0.7, comedos=0.6,
-        keratin=0.15, crust=0.05),
+        mottle=0.2, multicolor=0.05, halo=0.0, network=0.05, dots=0.05, regression=0.03,
+        ridges=0.8, fingerprint=0.1, milia=0.85, comedos=0.75, keratin=0.1),
     'squamous cell carcinoma': _Profile(
-        size=0.45, elongation=0.3, asymmetry=0.10, irregularity=0.07, softness=0.08,
-        opacity=0.75, color=(0.85, 0.48, 0.46), center_color=_KERATIN, center=0.4,
-        mottle=0.15, multicolor=0.0, halo=0.35, network=0.15, network_width=0.5,
-        network_atypia=0.3, arborizing=0.05, dotted_vessels=0.65, keratin=0.7,
-        crust=0.45, follicles=0.3),
+        size=0.45, elongation=0.3, asymmetry=0.10, irregularity=0.07, softness=0.07,
+        opacity=0.85, color=(0.84, 0.46, 0.44), center_color=_KERATIN, center=0.6,
+        mottle=0.15, multicolor=0.0, halo=0.3, network=0.05, network_width=0.5,
+        network_atypia=0.3, dotted_vessels=0.8, keratin=0.9, crust=0.5, follicles=0.1),
     'vascular lesion': _Profile(
         size=0.32, elongation=0.3, asymmetry=0.06, irregularity=0.05, softness=0.04,
         opacity=0.95, color=(0.72, 0.18, 0.24), center_color=_LACUNA_PURPLE, center=0.35,
-        mottle=0.2, multicolor=0.0, halo=0.1, lacunae=0.9, veil=0.05, regression=0.05,
-        crust=0.05),
+        mottle=0.2, multicolor=0.0, halo=0.1, lacunae=0.95, veil=0.05, regression=0.03,
+        crust=0.03),
 }
 
 # The classes each class is made to resemble.
@@ -225,11 +220,10 @@ def _splat(n: int, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
   return out.reshape(n, n).astype(np.float32)
 
 
-def _blobs(n: int, points: np.ndarray, radius: float, weights=1.0) -> np.ndarray:
-  """Round blobs of peak about `weights` and radius (sigma) `radius`."""
-  sigma = max(radius * n / 2, 0.6)
-  weights = np.broadcast_to(np.asarray(weights, np.float64), len(points))
-  field = ndimage.gaussian_filter(_splat(n, points, weights), sigma, truncate=3.0)
+def _blobs(n: int, points: np.ndarray, radius: float) -> np.ndarray:
+  """Round blobs of peak about 1 and radius (sigma) `radius` at `points`."""
+  sigma = max(radius * n / 2, 0.6)  # Narrower blobs would vanish between pixels.
+  field = ndimage.gaussian_filter(_splat(n, points, np.ones(len(points))), sigma, truncate=3.0)
   return np.clip(field * (2 * math.pi * sigma ** 2), 0, 1)
 
 

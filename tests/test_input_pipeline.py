@@ -1,0 +1,99 @@
+"""Splits without leakage, class-balanced training stream, exact evaluation batches."""
+
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from melanoma_jax import input_pipeline
+
+
+@pytest.fixture(scope='module')
+def data(tiny_config):
+  return input_pipeline.load_data(tiny_config)
+
+
+def test_group_split_is_stratified_deterministic_and_disjoint():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), [60, 30, 10])
+  groups = np.array([f'lesion{i // 2}' for i in range(len(labels))])  # 2 images per lesion
+  train, val = input_pipeline.split_by_group(labels, groups, 0.2, seed=1)
+  assert not set(groups[train]) & set(groups[val])
+  assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
+  assert np.bincount(labels[val]).tolist() == [12, 6, 2]
+  again, _ = input_pipeline.split_by_group(labels, groups, 0.2, seed=1)
+  np.testing.assert_array_equal(train, again)
+  other, _ = input_pipeline.split_by_group(labels, rng.permutation(groups), 0.2, seed=2)
+  assert not np.array_equal(train, other)
+
+
+def test_no_image_on_both_sides_of_the_split(data):
+  digest = lambda images: {hashlib.sha1(im.tobytes()).hexdigest() for im in images}
+  assert not set(data.train.file_names) & set(data.val.file_names)
+  assert not digest(data.train.images) & digest(data.val.images)
+  assert len(data.val) > 0 and len(data.train) > len(data.val)
+  # Every class keeps examples on both sides.
+  assert set(data.val.labels) == set(data.train.labels) == set(range(9))
+
+
+def _label_counts(train, config, epoch, steps):
+  counts = np.zeros(9)
+  for batch in input_pipeline.train_batches(train, config, 9, epoch, steps):
+    assert batch['image'].shape == (jax.local_device_count(), config.batch_size // 4, 32, 32, 3)
+    assert batch['image'].dtype == np.uint8
+    counts += np.bincount(batch['label'].ravel(), minlength=9)
+  return counts
+
+
+def test_balanced_stream_draws_every_class_equally(data, tiny_config):
+  counts = _label_counts(data.train, tiny_config, epoch=1, steps=150)
+  assert stats.chisquare(counts).pvalue > 1e-3
+  # The unbalanced stream instead follows the class frequencies.
+  unbalanced = tiny_config.copy_and_resolve_references()
+  unbalanced.balance_classes = False
+  counts = _label_counts(data.train, unbalanced, epoch=1, steps=150)
+  expected = np.bincount(data.train.labels, minlength=9) / len(data.train) * counts.sum()
+  assert stats.chisquare(counts, expected).pvalue > 1e-3
+  assert stats.chisquare(counts).pvalue < 1e-6
+
+
+def test_train_stream_is_reproducible_per_epoch(data, tiny_config):
+  first = lambda epoch: next(input_pipeline.train_batches(data.train, tiny_config, 9, epoch, 2))
+  a, b, c = first(3), first(3), first(4)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  assert not np.array_equal(a['image'], c['image'])
+
+
+def test_augmentation_keeps_shape_and_changes_pixels(data, tiny_config):
+  plain = tiny_config.copy_and_resolve_references()
+  plain.augment.enabled = False
+  aug = next(input_pipeline.train_batches(data.train, tiny_config, 9, 1, 1))
+  raw = next(input_pipeline.train_batches(data.train, plain, 9, 1, 1))
+  np.testing.assert_array_equal(aug['label'], raw['label'])  # same examples
+  assert aug['image'].shape == raw['image'].shape
+  assert not np.array_equal(aug['image'], raw['image'])
+
+
+def test_eval_batches_count_every_example_once(data):
+  seen_images, seen_labels = [], []
+  for batch in input_pipeline.eval_batches(data.val, 8):
+    assert batch['image'].shape[:2] == (jax.local_device_count(), 2)
+    keep = batch['mask'].ravel() == 1
+    seen_images.append(batch['image'].reshape(-1, 32, 32, 3)[keep])
+    seen_labels.append(batch['label'].ravel()[keep])
+  np.testing.assert_array_equal(np.concatenate(seen_images), data.val.images)
+  np.testing.assert_array_equal(np.concatenate(seen_labels), data.val.labels)
+
+
+def test_epoch_is_the_train_split_size():
+  assert input_pipeline.steps_per_epoch(1791, 32) == 56
+  assert input_pipeline.steps_per_epoch(64, 32) == 2
+
+
+def test_missing_dataset_is_a_clear_error(tiny_config):
+  bad = tiny_config.copy_and_resolve_references()
+  bad.dataset = 'no_such_lesions'
+  with pytest.raises(input_pipeline.DataError, match='no_such_lesions'):
+    input_pipeline.load_data(bad)
