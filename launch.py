@@ -1,5 +1,7 @@
 """Entry point: `python launch.py --config=configs/balanced.py:synthetic --workdir=runs/x`.
 
+`--mode=prepare` only prepares the dataset (training does it on first use).
+
 Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
 """
@@ -13,7 +15,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
+                  'train (preparing the dataset first if needed), or only prepare the dataset.')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
@@ -29,6 +33,12 @@ def main(argv: list[str]) -> None:
   from melanoma_jax.datasets import image_folders
   logging.info('Config:\n%s', FLAGS.config)
   try:
+    if FLAGS.mode == 'prepare':
+      builder = input_pipeline.prepared_builder(FLAGS.config)
+      logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
+      return
+    if not FLAGS.workdir:
+      raise app.UsageError('--workdir is required to train.')
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
           FloatingPointError) as e:

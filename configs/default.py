@@ -25,6 +25,9 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.dataset = 'isic_skin_cancer'
   config.data_dir = config_dict.placeholder(str)
   config.manual_dir = config_dict.placeholder(str)
+  # Optional CSV mapping image file names to lesion_id or patient_id: the
+  # train/validation split then keeps each lesion or patient on one side.
+  config.groups_csv = config_dict.placeholder(str)
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
   config.val_fraction = 0.2
@@ -35,6 +38,10 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.augment.flips = True          # both axes: lesions have no orientation
   config.augment.rotation_degrees = 180.0  # +- this; 180 is the full circle
   config.augment.zoom = 0.1            # scale in [1 - zoom, 1 + zoom]
+  config.augment.brightness = 0.05     # +- added, images in [0, 1]
+  config.augment.contrast = 0.1        # factor in [1 - x, 1 + x]
+  config.augment.saturation = 0.1      # factor in [1 - x, 1 + x]
+  config.augment.hue = 0.02            # +- fraction of the hue circle
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'seed_cnn'

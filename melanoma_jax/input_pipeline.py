@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from melanoma_jax import datasets
+from melanoma_jax.datasets import image_folders
 
 # Importing the builder modules registers them with TFDS.
 from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
@@ -129,6 +130,10 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     class_names = ('other', datasets.MELANOMA)
   elif config.task != 'multiclass':
     raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
+  if config.groups_csv:
+    groups = image_folders.read_groups_csv(config.groups_csv)
+    train_full = dataclasses.replace(train_full, group_ids=np.array(
+        [image_folders.group_id(name, groups) for name in train_full.file_names]))
   train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
                                       config.val_fraction, config.seed)
   return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names)
@@ -140,8 +145,13 @@ def host_shard(examples: Examples) -> Examples:
 
 
 def _augment(image: tf.Tensor, seed: tf.Tensor, augment: ml_collections.ConfigDict) -> tf.Tensor:
-  """Random flips, rotation and zoom, a pure function of (image, seed)."""
-  seeds = tf.random.experimental.stateless_split(seed, 4)
+  """Random geometry and colour, a pure function of (image, seed).
+
+  Lesions have no canonical orientation, so flips on both axes and rotation
+  over the full circle (by default); zoom, and jitter of brightness,
+  contrast, saturation and hue for differences between dermoscopes.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 8)
   if augment.flips:
     image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     image = tf.image.stateless_random_flip_up_down(image, seeds[1])
@@ -156,10 +166,19 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, augment: ml_collections.ConfigDi
   transform = tf.stack([a0, a1, cx - a0 * cx - a1 * cy,
                         b0, b1, cy - b0 * cx - b1 * cy, 0.0, 0.0])
   image = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(image, tf.float32)[None], transforms=transform[None],
+      images=tf.cast(image, tf.float32)[None] / 255.0, transforms=transform[None],
       output_shape=tf.shape(image)[:2], fill_value=0.0,
       interpolation='BILINEAR', fill_mode='REFLECT')[0]
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  if augment.brightness:
+    image = tf.image.stateless_random_brightness(image, augment.brightness, seeds[4])
+  if augment.contrast:
+    image = tf.image.stateless_random_contrast(image, 1 - augment.contrast, 1 + augment.contrast, seeds[5])
+  if augment.saturation:
+    image = tf.image.stateless_random_saturation(
+        image, 1 - augment.saturation, 1 + augment.saturation, seeds[6])
+  if augment.hue:
+    image = tf.image.stateless_random_hue(image, augment.hue, seeds[7])
+  return tf.cast(tf.clip_by_value(tf.round(image * 255.0), 0, 255), tf.uint8)
 
 
 def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:

@@ -11,15 +11,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from melanoma_jax import input_pipeline, metrics as metrics_lib, models, optim, reporting, steps
+from melanoma_jax import checkpointing, input_pipeline, metrics as metrics_lib, models, optim, reporting, steps
 
 AXIS = 'batch'
 
@@ -70,21 +68,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.make_optimizer(config)  # raises on invalid plateau settings
 
 
-def _checkpoint_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
-  """Keeps the last `keep` checkpoints and the best by validation loss."""
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m['val_loss'], n=1),
-  ])
-  return ocp.CheckpointManager(
-      workdir / 'checkpoints', item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True))
+def build_state(config: ml_collections.ConfigDict, outputs: int, bn_momentum: float) -> steps.TrainState:
+  """A freshly initialised train state for `config`'s model and optimizer."""
+  model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
+                         bn_momentum=bn_momentum)
+  return steps.create_train_state(jax.random.key(config.seed), model, optim.make_optimizer(config),
+                                  (config.image_size, config.image_size, 3))
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, state: steps.TrainState) -> tuple[steps.TrainState, dict]:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-  return restored.state, restored.meta
+def restore_for_inference(workdir: str, step: int | None = None
+                          ) -> tuple[steps.TrainState, ml_collections.ConfigDict, dict[str, Any]]:
+  """(state, config, meta) of a run's checkpoint: `step`, or the best by validation loss."""
+  config = checkpointing.read_config(workdir)
+  manager = checkpointing.manager(workdir)
+  step = manager.best_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'No checkpoint {step if step is not None else ""} in {workdir}/checkpoints; '
+                            f'kept steps: {list(manager.all_steps())}.')
+  meta = checkpointing.read_meta(manager, step)
+  outputs = num_outputs(config, len(meta['class_names']))
+  template = jax.eval_shape(lambda: build_state(config, outputs, config.model.bn_momentum or 0.99))
+  state, meta = checkpointing.restore(manager, step, template)
+  manager.close()
+  return state, config, meta
 
 
 def evaluate(p_eval, state: steps.TrainState, examples: input_pipeline.Examples,
@@ -118,15 +124,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'BatchNorm momentum %.3f', data.class_names, len(data.train), len(data.val),
                len(data.test), epoch_steps, bn_momentum)
 
-  model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
-                         bn_momentum=bn_momentum)
-  tx = optim.make_optimizer(config)
-  state = steps.create_train_state(jax.random.key(config.seed), model, tx,
-                                   (config.image_size, config.image_size, 3))
-  manager = _checkpoint_manager(workdir, config.checkpoints_to_keep)
+  state = build_state(config, outputs, bn_momentum)
+  manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
+  checkpointing.write_config(workdir, config)
   history = []
   if manager.latest_step() is not None:
-    state, meta = _restore(manager, manager.latest_step(), state)
+    state, meta = checkpointing.restore(manager, manager.latest_step(), state)
     history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta['epoch']]
     logging.info('Resumed from step %d (epoch %d) in %s', int(state.step), meta['epoch'], workdir)
   reporting.write_history(workdir, history)
@@ -155,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      epoch_steps, rate, time.strftime('%H:%M:%S', time.gmtime(
                          remaining * config.batch_size / rate)))
         window_start, window_step = now, i
-    row = {'epoch': epoch, 'step': int(state.step), 'lr': tx.current_learning_rate(state.opt_state)}
+    row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
     row.update(metrics_lib.summarize(total, 'train'))
     if not math.isfinite(row['train_loss']):
       raise FloatingPointError(
@@ -167,10 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     row.update(epoch_seconds=epoch_seconds,
                images_per_sec=epoch_steps * config.batch_size / epoch_seconds)
     if config.plateau.enabled:
-      state = state.replace(opt_state=tx.end_epoch(state.opt_state, row['val_loss']))
-    manager.save(int(state.step), metrics={'val_loss': row['val_loss']}, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({'epoch': epoch})))
-    manager.wait_until_finished()
+      state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
+    checkpointing.save(manager, state, {'epoch': epoch, 'val_loss': row['val_loss'],
+                                        'class_names': list(data.class_names)})
     history.append(row)
     reporting.write_history(workdir, history)
     reporting.write_summaries(writer, row)
@@ -179,9 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
                  row['lr'], epoch_seconds, row['images_per_sec'])
 
-  best = min((row for row in history if row['step'] in manager.all_steps()),
-             key=lambda row: row['val_loss'])
-  state, _ = _restore(manager, best['step'], state)
+  state, best = checkpointing.restore(manager, manager.best_step(), state)
+  best = next(row for row in history if row['epoch'] == best['epoch'])
   manager.close()
   result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
   result.update({k: v for k, v in best.items() if k.startswith('val_')})

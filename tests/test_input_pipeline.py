@@ -97,3 +97,26 @@ def test_missing_dataset_is_a_clear_error(tiny_config):
   bad.dataset = 'no_such_lesions'
   with pytest.raises(input_pipeline.DataError, match='no_such_lesions'):
     input_pipeline.load_data(bad)
+
+
+def test_groups_csv_keeps_each_lesion_on_one_side(tiny_config, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows = ['image,lesion_id']
+  for split, per_class in (('Train', 12), ('Test', 2)):
+    for cls in ('benign', 'melanoma'):
+      folder = tmp_path / 'tree' / split / cls
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        name = f'{split}_{cls}_{i}.png'
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / name)
+        rows.append(f'{name},{cls}_lesion{i // 3}')  # three images per lesion
+  (tmp_path / 'groups.csv').write_text('\n'.join(rows))
+  config = tiny_config.copy_and_resolve_references()
+  config.update({'dataset': 'image_folder', 'manual_dir': str(tmp_path / 'tree'),
+                 'data_dir': str(tmp_path / 'tfds'), 'groups_csv': str(tmp_path / 'groups.csv')})
+  data = input_pipeline.load_data(config)
+  assert data.class_names == ('benign', 'melanoma')
+  assert len(data.train) + len(data.val) == 24 and len(data.test) == 4
+  assert not set(data.train.group_ids) & set(data.val.group_ids)
+  assert len(data.val) % 3 == 0 and len(data.val) > 0

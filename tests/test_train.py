@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import melanoma_jax
 from melanoma_jax import reporting, train
 
 HISTORY_KEYS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
@@ -101,3 +102,18 @@ def test_launcher_refuses_unknown_config_keys(tmp_path):
   assert proc.returncode != 0
   assert 'learning_rat' in proc.stderr
   assert not list(tmp_path.iterdir())
+
+
+def test_best_checkpoint_restores_for_inference(finished_run):
+  workdir, result = finished_run
+  state, config, meta = train.restore_for_inference(str(workdir))
+  assert meta['epoch'] == result['best_epoch']
+  assert tuple(meta['class_names']) == tuple(result['class_names'])
+  assert config.image_size == 32
+  probs = jax.jit(melanoma_jax.predict)(state, np.zeros((2, 32, 32, 3), np.uint8))
+  np.testing.assert_allclose(np.sum(probs, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_inference_on_a_workdir_without_a_run_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not hold a training run'):
+    train.restore_for_inference(str(tmp_path))
