@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. co
 flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go.')
 flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
                   'train (preparing the dataset first if needed), or only prepare the dataset.')
+flags.DEFINE_bool('start_over', False, 'Move a previous run in --workdir aside (to previous_runs/) '
+                  'instead of resuming it; needed when the model or data changed.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> None:
       return
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required to train.')
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over)
   except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
           FloatingPointError) as e:
     sys.exit(f'Error: {e}')

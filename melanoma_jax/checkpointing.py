@@ -7,35 +7,45 @@ best by validation loss are kept.
 """
 
 import json
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from melanoma_jax import steps
+from melanoma_jax import errors, steps
 
 CONFIG_FILE = 'config.json'
 
 
 def manager(workdir: epath.PathLike, keep: int = 3) -> ocp.CheckpointManager:
   """Keeps the last `keep` checkpoints and the one of lowest validation loss."""
+  # Mid-epoch checkpoints have no validation loss: only LatestN keeps them.
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m['val_loss'], n=1),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: -m['val_loss'], n=1,
+                                    keep_checkpoints_without_metrics=False),
   ])
   return ocp.CheckpointManager(
       epath.Path(workdir) / 'checkpoints', item_names=('state', 'meta'),
       # best_fn also makes orbax persist the metrics, so the policy and
       # best_step() still know them after a restart.
       options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['val_loss'],
-                                           best_mode='min', create=True))
+                                           best_mode='min',
+                                           keep_checkpoints_without_metrics=False, create=True))
 
 
 def save(mngr: ocp.CheckpointManager, state: steps.TrainState, meta: dict[str, Any]) -> None:
-  """Saves and waits for the commit, so a crash never leaves this one half-written."""
-  mngr.save(int(state.step), metrics={'val_loss': meta['val_loss']}, args=ocp.args.Composite(
+  """Saves and waits for the commit; `meta['val_loss']` marks an epoch-end checkpoint.
+
+  Orbax writes to a temporary directory and renames it when complete, so a
+  crash mid-save never replaces a good checkpoint with a partial one.
+  """
+  metrics = {'val_loss': meta['val_loss']} if 'val_loss' in meta else None
+  mngr.save(int(state.step), metrics=metrics, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
 
@@ -63,3 +73,62 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: {workdir} does not hold a training run.')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# Config fields that make a workdir's checkpoints a different model or data.
+RUN_IDENTITY = ('dataset', 'task', 'image_size', 'model.name', 'model.num_outputs', 'groups_csv',
+                'val_fraction', 'seed')
+
+
+def _field(config: ml_collections.ConfigDict | dict, dotted: str) -> Any:
+  for key in dotted.split('.'):
+    config = config.get(key) if config is not None else None
+  return config
+
+
+def claim_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict, start_over: bool) -> None:
+  """Creates the workdir for `config`, refusing one that holds a different run.
+
+  With `start_over`, an existing run is moved aside to `previous_runs/`, not
+  deleted.
+  """
+  workdir = epath.Path(workdir)
+  config_file = workdir / CONFIG_FILE
+  if config_file.exists():
+    previous = json.loads(config_file.read_text())
+    changed = [f'{f}: {_field(previous, f)!r} -> {_field(config, f)!r}' for f in RUN_IDENTITY
+               if _field(previous, f) != _field(config, f)]
+    if changed and not start_over:
+      raise errors.ConfigError(f'{workdir} holds a run of a different model or data ({"; ".join(changed)}). '
+                        'Use another --workdir, or pass --start_over to move the old run aside.')
+    if start_over and jax.process_index() == 0:
+      aside = workdir / 'previous_runs' / time.strftime('%Y%m%d-%H%M%S')
+      aside.mkdir(parents=True)
+      for item in workdir.iterdir():
+        if item.name != 'previous_runs':
+          item.rename(aside / item.name)
+      logging.warning('Moved the previous run in %s to %s.', workdir, aside)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_config(workdir, config)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: steps.TrainState,
+                   workdir: epath.PathLike) -> tuple[steps.TrainState, dict[str, Any]]:
+  """The newest checkpoint that restores, or (`state`, {}) when there is none.
+
+  A checkpoint that fails to restore (truncated or deleted files) is moved
+  to `corrupt_checkpoints/` with a warning, and the one before it is tried.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return restore(mngr, step, state)
+    except Exception as error:  # pylint: disable=broad-except  # orbax raises many kinds
+      aside = epath.Path(workdir) / 'corrupt_checkpoints' / str(step)
+      logging.warning('Checkpoint %d in %s does not restore (%s: %s); moving it to %s and '
+                      'falling back to the previous one.', step, mngr.directory, type(error).__name__,
+                      str(error)[:300], aside)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (epath.Path(mngr.directory) / str(step)).rename(aside)
+      mngr.reload()
+  return state, {}

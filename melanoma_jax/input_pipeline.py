@@ -202,11 +202,12 @@ def _index_stream(labels: np.ndarray, balance: bool, num_classes: int, seed: int
 
 
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
-                  epoch: int, num_steps: int) -> Iterator[Batch]:
+                  epoch: int, num_steps: int, skip_steps: int = 0) -> Iterator[Batch]:
   """One epoch of this host's training batches, [local_devices, per_device, ...].
 
   `train` is this host's share (`host_shard`); seeds depend on (seed, epoch,
-  host), so an epoch's stream is reproducible.
+  host), so an epoch's stream is reproducible, and a run resumed mid-epoch
+  skips its first `skip_steps` batches without preprocessing them.
   """
   devices = jax.local_device_count()
   local_batch = config.batch_size // jax.process_count()
@@ -221,7 +222,7 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     return {'image': image, 'label': tf.gather(labels, index)}
 
   ds = _index_stream(train.labels, config.balance_classes, num_classes, seed)
-  ds = ds.take(num_steps * local_batch).enumerate()
+  ds = ds.take(num_steps * local_batch).enumerate().skip(skip_steps * local_batch)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda b: tf.nest.map_structure(

@@ -20,6 +20,9 @@ import optax
 from optax.contrib import ReduceLROnPlateauState
 
 OptState = tuple[Any, ReduceLROnPlateauState]
+# With skip_nonfinite_steps, this many non-finite steps in a row are applied
+# anyway (making the loss non-finite), so the run stops instead of idling.
+MAX_CONSECUTIVE_NONFINITE = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +84,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> PlateauOptimizer:
   """Adam at `config.learning_rate`, with the plateau rule from `config.plateau`.
 
   With `config.plateau.enabled` False the training loop never calls
-  `end_epoch`, so the scale stays 1 and the learning rate constant.
+  `end_epoch`, so the scale stays 1 and the learning rate constant. With
+  `config.skip_nonfinite_steps`, steps with a non-finite gradient change
+  nothing (`optax.apply_if_finite`).
   """
   p = config.plateau
+  base = optax.adam(config.learning_rate)
+  if config.skip_nonfinite_steps:
+    base = optax.apply_if_finite(base, max_consecutive_errors=MAX_CONSECUTIVE_NONFINITE)
   return PlateauOptimizer(
-      base=optax.adam(config.learning_rate),
+      base=base,
       plateau=keras_plateau(config.learning_rate, p.factor, p.patience,
                             p.min_delta, p.cooldown, p.min_lr),
       learning_rate=config.learning_rate)

@@ -120,12 +120,19 @@ def train_step(state: TrainState, batch: Batch,
   grads, (loss, predicted, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
+  # A non-finite step counts in no metric and leaves BatchNorm statistics
+  # alone; the optimizer skips it if built with `skip_nonfinite` (else the
+  # loop stops at the next check, before anything is saved).
+  finite = jnp.isfinite(optax.tree.sum(grads))  # grads are averaged: the same on every device
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      batch_stats=batch_stats, opt_state=opt_state)
-  metrics = _metrics(loss, predicted, labels, jnp.ones_like(loss),
+      batch_stats=jax.tree.map(lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats),
+      opt_state=opt_state)
+  weights = jnp.where(finite, jnp.ones_like(loss), jnp.zeros_like(loss))
+  metrics = _metrics(jnp.where(finite, loss, 0.0), predicted, labels, weights,
                      max(state.num_outputs, 2), axis_name)
+  metrics['nonfinite'] = (1.0 - finite.astype(jnp.float32), jnp.ones([], jnp.float32))
   return new_state, metrics
 
 

@@ -6,7 +6,6 @@ All side effects of training live here (and in `reporting`); the maths is in
 
 import functools
 import json
-import math
 import time
 from typing import Any
 
@@ -17,13 +16,11 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from melanoma_jax import checkpointing, input_pipeline, metrics as metrics_lib, models, optim, reporting, steps
+from melanoma_jax import (checkpointing, evaluation, input_pipeline, metrics as metrics_lib, models,
+                          optim, preemption, reporting, steps)
+from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run; the message says which field to change."""
 
 
 def derive_bn_momentum(steps_per_epoch: int) -> float:
@@ -65,6 +62,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.val_fraction={config.val_fraction} must be in (0, 1).')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be >= 1.')
+  if not 0 < config.target_sensitivity <= 1:
+    raise ConfigError(f'config.target_sensitivity={config.target_sensitivity} must be in (0, 1].')
   optim.make_optimizer(config)  # raises on invalid plateau settings
 
 
@@ -105,15 +104,39 @@ def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
   return ' '.join(f'{k}={summary[k]:.4f}' for k in keys)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _log_progress(epoch: int, i: int, epoch_steps: int, config: ml_collections.ConfigDict,
+                  images_per_sec: float) -> None:
+  remaining = ((config.num_epochs - epoch) * epoch_steps + epoch_steps - i) * config.batch_size
+  logging.info('epoch %d/%d step %d/%d: %.1f images/s, ETA %s', epoch, config.num_epochs, i,
+               epoch_steps, images_per_sec,
+               time.strftime('%H:%M:%S', time.gmtime(remaining / images_per_sec)))
+
+
+def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int,
+                  manager: Any, workdir: epath.Path, skip: bool) -> None:
+  """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint."""
+  bad = int(jax.device_get(total['nonfinite'][0]))
+  if bad and skip:
+    logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
+  elif bad:
+    raise FloatingPointError(
+        f'Non-finite loss or gradient in {bad} step(s) between steps {window_start + 1} and '
+        f'{step}; nothing after the last good checkpoint was saved: step {manager.latest_step()} '
+        f'in {workdir / "checkpoints"}. Lower config.learning_rate and rerun to resume from it, or '
+        'set config.skip_nonfinite_steps=True to skip such steps.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       start_over: bool = False) -> dict[str, Any] | None:
   """Trains, resuming from `workdir` if it holds checkpoints; returns Test metrics.
 
-  Test is evaluated once, at the end, with the checkpoint of lowest
-  validation loss.
+  Returns None when preempted (SIGTERM): the state was saved at a step
+  boundary and the same call resumes it. Test is evaluated once, at the
+  end, with the checkpoint of lowest validation loss.
   """
   validate_config(config)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointing.claim_workdir(workdir, config, start_over)
   data = input_pipeline.load_data(config)
   num_classes = len(data.class_names)
   outputs = num_outputs(config, num_classes)
@@ -124,16 +147,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'BatchNorm momentum %.3f', data.class_names, len(data.train), len(data.val),
                len(data.test), epoch_steps, bn_momentum)
 
-  state = build_state(config, outputs, bn_momentum)
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
-  checkpointing.write_config(workdir, config)
-  history = []
-  if manager.latest_step() is not None:
-    state, meta = checkpointing.restore(manager, manager.latest_step(), state)
-    history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta['epoch']]
-    logging.info('Resumed from step %d (epoch %d) in %s', int(state.step), meta['epoch'], workdir)
+  state, meta = checkpointing.restore_latest(manager, build_state(config, outputs, bn_momentum), workdir)
+  history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta.get('epoch', 0)]
   reporting.write_history(workdir, history)
-  start_epoch = len(history)
+  if meta:
+    logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
+  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names), **kw}
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
@@ -141,55 +161,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     in_axes=(None, 0), out_axes=None)
   writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
 
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    epoch_start = time.perf_counter()
-    window_start, window_step = epoch_start, 0
-    total = None
-    batches = input_pipeline.train_batches(train_examples, config, num_classes, epoch, epoch_steps)
-    for i, batch in enumerate(batches, 1):
-      state, step_metrics = p_train(state, batch)
-      total = metrics_lib.accumulate(total, step_metrics)
-      if i % config.log_every_steps == 0 or i == epoch_steps:
-        jax.block_until_ready(total)
-        now = time.perf_counter()
-        rate = (i - window_step) * config.batch_size / (now - window_start)
-        remaining = (config.num_epochs - epoch) * epoch_steps + epoch_steps - i
-        logging.info('epoch %d/%d step %d/%d: %.1f images/s, ETA %s', epoch, config.num_epochs, i,
-                     epoch_steps, rate, time.strftime('%H:%M:%S', time.gmtime(
-                         remaining * config.batch_size / rate)))
-        window_start, window_step = now, i
-    row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
-    row.update(metrics_lib.summarize(total, 'train'))
-    if not math.isfinite(row['train_loss']):
-      raise FloatingPointError(
-          f'Training loss is {row["train_loss"]} in epoch {epoch} (step {int(state.step)}); '
-          f'nothing of this epoch was saved. Last good checkpoint: step {manager.latest_step()} '
-          f'in {workdir / "checkpoints"}. Lower config.learning_rate and rerun to resume from it.')
-    row.update(evaluate(p_eval, state, data.val, config.batch_size, 'val'))
-    epoch_seconds = time.perf_counter() - epoch_start
-    row.update(epoch_seconds=epoch_seconds,
-               images_per_sec=epoch_steps * config.batch_size / epoch_seconds)
-    if config.plateau.enabled:
-      state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
-    checkpointing.save(manager, state, {'epoch': epoch, 'val_loss': row['val_loss'],
-                                        'class_names': list(data.class_names)})
-    history.append(row)
-    reporting.write_history(workdir, history)
-    reporting.write_summaries(writer, row)
-    reporting.plot_curves(workdir, history)
-    logging.info('epoch %d: %s lr=%.2e (%.1f s, %.1f images/s)', epoch, _format(row, (
-        'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
-                 row['lr'], epoch_seconds, row['images_per_sec'])
+  with preemption.PreemptionWatch(manager) as preempted:
+    for epoch in range(int(state.step) // epoch_steps + 1, config.num_epochs + 1):
+      epoch_start = time.perf_counter()
+      offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
+      total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
+      window_start, window_step = epoch_start, offset
+      batches = input_pipeline.train_batches(train_examples, config, num_classes, epoch, epoch_steps, offset)
+      for i, batch in enumerate(batches, offset + 1):
+        state, step_metrics = p_train(state, batch)
+        total = metrics_lib.accumulate(total, step_metrics)
+        step = int(state.step)
+        if i % config.log_every_steps == 0 or i == epoch_steps:
+          _check_finite(total, step, step - (i - window_step), manager, workdir,
+                        config.skip_nonfinite_steps)
+          now = time.perf_counter()
+          _log_progress(epoch, i, epoch_steps, config, (i - window_step) * config.batch_size / (now - window_start))
+          window_start, window_step = now, i
+        if i < epoch_steps and (preempted(step) or (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
+          _check_finite(total, step, step - (i - window_step), manager, workdir,
+                        config.skip_nonfinite_steps)
+          checkpointing.save(manager, state, checkpoint_meta(
+              epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total)))
+          if preempted(step):
+            logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
+            manager.close()
+            return None
 
+      row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
+      row.update(metrics_lib.summarize(total, 'train'))
+      row.update(evaluate(p_eval, state, data.val, config.batch_size, 'val'))
+      epoch_seconds = time.perf_counter() - epoch_start
+      row.update(epoch_seconds=epoch_seconds,
+                 images_per_sec=(epoch_steps - offset) * config.batch_size / epoch_seconds)
+      if config.plateau.enabled:
+        state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
+      checkpointing.save(manager, state, checkpoint_meta(epoch=epoch, val_loss=row['val_loss']))
+      history.append(row)
+      reporting.write_history(workdir, history)
+      reporting.write_summaries(writer, row)
+      reporting.plot_curves(workdir, history)
+      logging.info('epoch %d: %s lr=%.2e (%.1f s, %.1f images/s)', epoch, _format(row, (
+          'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
+                   row['lr'], epoch_seconds, row['images_per_sec'])
+      if preempted(int(state.step)):
+        logging.warning('Preempted after epoch %d; rerun the same command to resume.', epoch)
+        manager.close()
+        return None
+
+  result = _final_evaluation(manager, state, history, data, p_eval, config, workdir)
+  manager.close()
+  return result
+
+
+def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],
+                      data: input_pipeline.Data, p_eval: Any, config: ml_collections.ConfigDict,
+                      workdir: epath.Path) -> dict[str, Any]:
+  """Test metrics of the checkpoint of lowest validation loss, written to the workdir."""
   state, best = checkpointing.restore(manager, manager.best_step(), state)
   best = next(row for row in history if row['epoch'] == best['epoch'])
-  manager.close()
   result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
   result.update({k: v for k, v in best.items() if k.startswith('val_')})
   result.update(evaluate(p_eval, state, data.test, config.batch_size, 'test'))
+  full = evaluation.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {
+      'step': int(state.step), 'epoch': best['epoch'], 'selected_by': 'lowest validation loss'})
+  evaluation.write_reports(workdir, full)
+  evaluation.write_operating_point(workdir, full.report['operating_point'])
+  test = full.report['splits']['test']
+  result['test_macro_roc_auc'] = test['macro_roc_auc']
+  result.update({f'test_melanoma_{k}': (test['melanoma'] or {}).get(k)
+                 for k in ('threshold', 'roc_auc', 'sensitivity', 'specificity')})
   if jax.process_index() == 0:
     (workdir / 'test_metrics.json').write_text(json.dumps(result, indent=2))
   logging.info('Best epoch %d: %s', best['epoch'], _format(result, ('val_loss', 'val_accuracy', 'val_balanced_accuracy')))
   logging.info('Test: %s', _format(result, ('test_loss', 'test_accuracy', 'test_balanced_accuracy')))
+  logging.info('%s. Report: %s', evaluation.headline(full.report), workdir / evaluation.REPORT_MD)
   return result
-

@@ -130,3 +130,28 @@ def test_dropout_differs_per_step():
   _, m_a = jax.jit(steps.train_step)(state, batch)
   _, m_b = jax.jit(steps.train_step)(state.replace(step=state.step + 1), batch)
   assert float(m_a['loss'][0]) != float(m_b['loss'][0])
+
+
+@pytest.mark.parametrize('skip', [False, True])
+def test_nonfinite_step_counts_nowhere_and_is_skipped_on_request(skip):
+  tx = optim.make_optimizer(_config_with(skip_nonfinite_steps=skip))
+  model = models.SeedCNN(9, dropout_rate=0.0, bn_momentum=0.9)
+  state = steps.create_train_state(jax.random.key(0), model, tx, (SIZE, SIZE, 3))
+  batch = _batches(1)[0]
+  batch = {'image': batch['image'].astype(np.float32), 'label': batch['label']}
+  batch['image'][0, 0, 0, 0] = np.nan
+  new_state, metrics = jax.jit(steps.train_step)(state, batch)
+  assert float(metrics['nonfinite'][0]) == 1
+  assert float(metrics['loss'][1]) == 0 and float(np.sum(metrics['confusion'][0])) == 0
+  assert _max_diff(new_state.batch_stats, state.batch_stats) == 0
+  params_finite = all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new_state.params))
+  assert params_finite == skip
+  if skip:
+    assert _max_diff(new_state.params, state.params) == 0
+
+
+def _config_with(**overrides):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('synthetic')
+  config.update(overrides)
+  return config

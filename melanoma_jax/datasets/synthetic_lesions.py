@@ -59,7 +59,7 @@ _SKIN_TONES = np.array([
     (0.94, 0.79, 0.73), (0.91, 0.73, 0.65), (0.86, 0.67, 0.57),
     (0.79, 0.59, 0.47), (0.67, 0.48, 0.37), (0.53, 0.37, 0.28),
 ], np.float32)
-_SKIN_TONE_WEIGHTS = np.array([0.25, 0.25, 0.2, 0.15, 0.1, 0.05])
+_SKIN_TONE_WEIGHTS = np.array([0.3, 0.3, 0.2, 0.12, 0.06, 0.02])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,51 +114,51 @@ class _Profile:
 
 _PROFILES = {
     'actinic keratosis': _Profile(
-        size=0.50, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.2,
+        size=0.55, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.2,
         opacity=0.5, color=(0.86, 0.50, 0.48), center_color=(0.80, 0.40, 0.40), center=0.1,
         mottle=0.15, multicolor=0.0, halo=0.5, network=0.85, network_width=0.6,
         network_atypia=0.3, dots=0.05, follicles=0.9, keratin=0.3, dotted_vessels=0.2,
         crust=0.05),
     'basal cell carcinoma': _Profile(
-        size=0.45, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.05,
+        size=0.50, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.05,
         opacity=0.7, color=(0.90, 0.70, 0.68), center_color=(0.85, 0.58, 0.58), center=0.1,
         mottle=0.1, multicolor=0.0, halo=0.1, arborizing=0.9, nests=0.6, crust=0.25,
         regression=0.2, dotted_vessels=0.05, keratin=0.03),
     'dermatofibroma': _Profile(
-        size=0.32, elongation=0.3, asymmetry=0.05, irregularity=0.03, softness=0.14,
+        size=0.40, elongation=0.3, asymmetry=0.05, irregularity=0.03, softness=0.14,
         opacity=0.7, color=(0.68, 0.47, 0.38), center_color=_LIGHT_BROWN, center=0.0,
         mottle=0.08, multicolor=0.0, halo=0.4, network=0.85, network_width=0.3,
         network_atypia=0.1, dots=0.05, central_scar=0.9),
     'melanoma': _Profile(
-        size=0.55, elongation=0.35, asymmetry=0.16, irregularity=0.09, softness=0.06,
+        size=0.62, elongation=0.35, asymmetry=0.16, irregularity=0.09, softness=0.06,
         opacity=0.95, color=(0.42, 0.26, 0.18), center_color=_BLACK, center=0.3,
         mottle=0.15, multicolor=0.85, halo=0.05, network=0.55, network_width=0.6,
         network_atypia=0.8, dots=0.6, dots_peripheral=0.6, streaks=0.45, veil=0.5,
         regression=0.4, ridges=0.03, comedos=0.03, dotted_vessels=0.1, nests=0.05),
     'nevus': _Profile(
-        size=0.42, elongation=0.25, asymmetry=0.04, irregularity=0.025, softness=0.10,
+        size=0.50, elongation=0.25, asymmetry=0.04, irregularity=0.025, softness=0.10,
         opacity=0.9, color=_MID_BROWN, center_color=_DARK_BROWN, center=0.5,
         mottle=0.08, multicolor=0.03, halo=0.0, network=0.65, network_width=0.35,
         network_atypia=0.1, dots=0.4, dots_peripheral=0.3, streaks=0.02, veil=0.02,
         regression=0.02, ridges=0.03, milia=0.02),
     'pigmented benign keratosis': _Profile(
-        size=0.50, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.04,
+        size=0.55, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.04,
         opacity=0.7, color=_LIGHT_BROWN, center_color=_MID_BROWN, center=0.15,
         mottle=0.15, multicolor=0.05, halo=0.0, network=0.2, network_width=0.45,
         network_atypia=0.3, dots=0.1, dots_peripheral=0.2, regression=0.05, ridges=0.15,
         fingerprint=0.75, milia=0.1, comedos=0.1),
     'seborrheic keratosis': _Profile(
-        size=0.50, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.025,
+        size=0.55, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.025,
         opacity=0.9, color=(0.50, 0.34, 0.24), center_color=_DARK_BROWN, center=0.2,
         mottle=0.2, multicolor=0.05, halo=0.0, network=0.05, dots=0.05, regression=0.03,
         ridges=0.8, fingerprint=0.1, milia=0.85, comedos=0.75, keratin=0.1),
     'squamous cell carcinoma': _Profile(
-        size=0.45, elongation=0.3, asymmetry=0.10, irregularity=0.07, softness=0.07,
+        size=0.50, elongation=0.3, asymmetry=0.10, irregularity=0.07, softness=0.07,
         opacity=0.85, color=(0.84, 0.46, 0.44), center_color=_KERATIN, center=0.6,
         mottle=0.15, multicolor=0.0, halo=0.3, network=0.05, network_width=0.5,
         network_atypia=0.3, dotted_vessels=0.8, keratin=0.9, crust=0.5, follicles=0.1),
     'vascular lesion': _Profile(
-        size=0.32, elongation=0.3, asymmetry=0.06, irregularity=0.05, softness=0.04,
+        size=0.38, elongation=0.3, asymmetry=0.06, irregularity=0.05, softness=0.04,
         opacity=0.95, color=(0.72, 0.18, 0.24), center_color=_LACUNA_PURPLE, center=0.35,
         mottle=0.2, multicolor=0.0, halo=0.1, lacunae=0.95, veil=0.05, regression=0.03,
         crust=0.03),

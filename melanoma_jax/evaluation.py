@@ -1,0 +1,398 @@
+"""Evaluation a dermatologist can trust: predictions, clinical metrics, operating point.
+
+Accuracy alone hides what matters for a melanoma alert: how many melanomas
+are missed, at what false-alarm rate, and whether the probabilities mean
+anything. So the report gives per-class sensitivity and specificity, ROC AUC,
+calibration, and the melanoma-vs-rest figures at an alert threshold chosen on
+validation for a target sensitivity, never on the split being reported.
+
+Predictions are gathered whole, every example exactly once (device padding
+dropped by mask, host shares reassembled in dataset order), and every metric
+is computed in numpy from them, so figures do not depend on how many devices
+or hosts ran the model. Undefined values (0/0, a class absent from the labels)
+are NaN here and null in JSON.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from melanoma_jax import datasets, input_pipeline, plots, steps
+
+NUM_CALIBRATION_BINS = 15
+CALIBRATION_BINNING = (
+    f'{NUM_CALIBRATION_BINS} equal-width bins of the probability over [0, 1], each closed on the '
+    'right (the first also on the left); ECE = sum over bins of (examples in bin / N) * '
+    '|observed frequency - mean probability|. Overall ECE bins the top-class probability '
+    '(outcome: prediction correct); melanoma ECE bins p(melanoma) (outcome: is melanoma).')
+REPORT_JSON = 'report.json'
+REPORT_MD = 'report.md'
+OPERATING_POINT_FILE = 'operating_point.json'
+SPLIT_TITLES = {'train': 'train', 'val': 'validation', 'test': 'Test'}
+
+_p_predict = jax.pmap(steps.predict, in_axes=(None, 0))
+
+
+def gather_predictions(state: steps.TrainState, examples: input_pipeline.Examples,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Class probabilities [N, C] and labels [N] of a split, in its order, on every host.
+
+  `batch_size` is global, as for `input_pipeline.eval_batches`.
+  """
+  local = {'probs': [], 'label': [], 'mask': []}
+  for batch in input_pipeline.eval_batches(examples, batch_size):
+    local['probs'].append(_p_predict(state, batch['image']))
+    local['label'].append(batch['label'])
+    local['mask'].append(batch['mask'])
+  local = {k: np.concatenate([np.asarray(v).reshape(-1, *v.shape[2:]) for v in parts])
+           for k, parts in local.items()}
+  # [hosts, padded share, ...]; host p holds examples p, p + hosts, p + 2 hosts, ...
+  gathered = multihost_utils.process_allgather(local)
+  ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
+  keep = ordered['mask'].astype(bool)
+  return ordered['probs'][keep], ordered['label'][keep].astype(np.int32)
+
+
+def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
+  """numerator / denominator, NaN where the denominator is 0."""
+  numerator, denominator = np.broadcast_arrays(np.asarray(numerator, np.float64),
+                                               np.asarray(denominator, np.float64))
+  return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan),
+                   where=denominator > 0)
+
+
+def _nanmean(values: np.ndarray) -> float:
+  """Mean of the defined values; NaN (no warning) when none is."""
+  values = np.asarray(values, np.float64)
+  return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else math.nan
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+  """Counts [true class, predicted class]."""
+  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predicted, np.int64)
+  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
+  """One-vs-rest support, precision, recall (sensitivity), specificity and F1 per class.
+
+  F1 is 2 TP / (2 TP + FP + FN), so a class absent from the labels but
+  predicted scores 0, and one neither present nor predicted is undefined
+  (as scikit-learn with zero_division=NaN).
+  """
+  tp = np.diag(confusion).astype(np.float64)
+  fp = confusion.sum(axis=0) - tp
+  fn = confusion.sum(axis=1) - tp
+  tn = confusion.sum() - tp - fp - fn
+  return {
+      'support': confusion.sum(axis=1),
+      'precision': _ratio(tp, tp + fp),
+      'recall': _ratio(tp, tp + fn),
+      'specificity': _ratio(tn, tn + fp),
+      'f1': _ratio(2 * tp, 2 * tp + fp + fn),
+  }
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Area under the ROC curve (Mann-Whitney U), ties counting one half; NaN without both classes."""
+  positive = np.asarray(positive, bool)
+  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+  if not n_pos or not n_neg:
+    return math.nan
+  _, inverse, counts = np.unique(np.asarray(scores), return_inverse=True, return_counts=True)
+  ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # Tied scores share their mean rank.
+  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(false positive rate, true positive rate, threshold) at every distinct score, alerting at >=.
+
+  The first point is (0, 0) at threshold +inf, as scikit-learn's
+  `roc_curve(drop_intermediate=False)`.
+  """
+  scores, positive = np.asarray(scores), np.asarray(positive, bool)
+  order = np.argsort(-scores, kind='stable')
+  scores, positive = scores[order], positive[order]
+  last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # Last of each tied group.
+  tps = np.cumsum(positive)[last]
+  fps = last + 1 - tps
+  return (np.r_[0.0, _ratio(fps, fps[-1])], np.r_[0.0, _ratio(tps, tps[-1])],
+          np.r_[np.inf, scores[last]])
+
+
+def binary_at_threshold(p_positive: np.ndarray, positive: np.ndarray,
+                        threshold: float) -> dict[str, Any]:
+  """Alert counts and rates when alerting at p >= threshold."""
+  alert = np.asarray(p_positive) >= threshold
+  positive = np.asarray(positive, bool)
+  tp, fn = int(np.sum(alert & positive)), int(np.sum(~alert & positive))
+  fp, tn = int(np.sum(alert & ~positive)), int(np.sum(~alert & ~positive))
+  return {
+      'sensitivity': float(_ratio(tp, tp + fn)),
+      'specificity': float(_ratio(tn, tn + fp)),
+      'ppv': float(_ratio(tp, tp + fp)),
+      'npv': float(_ratio(tn, tn + fn)),
+      'true_positives': tp, 'false_negatives': fn, 'false_positives': fp, 'true_negatives': tn,
+  }
+
+
+def reliability(probability: np.ndarray, outcome: np.ndarray,
+                num_bins: int = NUM_CALIBRATION_BINS) -> dict[str, np.ndarray]:
+  """Per bin (see CALIBRATION_BINNING): count, mean probability, observed frequency (NaN if empty)."""
+  probability = np.asarray(probability, np.float64)
+  bins = np.searchsorted(np.linspace(0.0, 1.0, num_bins + 1)[1:-1], probability, side='left')
+  count = np.bincount(bins, minlength=num_bins)
+  return {
+      'count': count,
+      'mean_probability': _ratio(np.bincount(bins, probability, num_bins), count),
+      'frequency': _ratio(np.bincount(bins, np.asarray(outcome, np.float64), num_bins), count),
+  }
+
+
+def expected_calibration_error(probability: np.ndarray, outcome: np.ndarray,
+                               num_bins: int = NUM_CALIBRATION_BINS) -> float:
+  """Count-weighted mean |frequency - mean probability| over the bins of CALIBRATION_BINNING."""
+  bins = reliability(probability, outcome, num_bins)
+  gaps = np.abs(bins['frequency'] - bins['mean_probability'])
+  return float(np.sum(np.where(bins['count'] > 0, gaps * bins['count'], 0.0)) / len(probability))
+
+
+def choose_threshold(p_melanoma: np.ndarray, is_melanoma: np.ndarray,
+                     target_sensitivity: float) -> float:
+  """The highest threshold on p(melanoma) whose sensitivity here is >= the target.
+
+  The highest, because raising the threshold never lowers specificity: of
+  the thresholds that miss few enough melanomas, it raises fewest false
+  alarms. Alerts are p >= threshold. Choose it on validation, not Test.
+  """
+  if not 0 < target_sensitivity <= 1:
+    raise ValueError(f'target_sensitivity={target_sensitivity} must be in (0, 1].')
+  scores = np.sort(np.asarray(p_melanoma)[np.asarray(is_melanoma, bool)])[::-1]
+  if not len(scores):
+    raise ValueError('No melanoma among the examples: cannot choose a threshold for a sensitivity.')
+  # Melanomas that must alert; the tolerance keeps 0.9 * 30 from rounding up to 28.
+  needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
+  return float(scores[needed - 1])
+
+
+def melanoma_index(class_names: Sequence[str]) -> int | None:
+  """Column of p(melanoma): 1 for melanoma_vs_rest ('other', 'melanoma'); None without one."""
+  return list(class_names).index(datasets.MELANOMA) if datasets.MELANOMA in class_names else None
+
+
+def _jsonable(value: Any) -> Any:
+  """Plain Python values for json.dumps; NaN and infinities become None."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    value = value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+           threshold: float | None = None) -> dict[str, Any]:
+  """Every metric of one split, JSON-able; `threshold` is the melanoma alert threshold.
+
+  Predicted class is the most probable one; the melanoma alert is
+  p(melanoma) >= threshold, a separate decision.
+  """
+  probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+  predicted = np.argmax(probs, axis=-1)
+  confusion = confusion_matrix(labels, predicted, len(class_names))
+  per_class = per_class_metrics(confusion)
+  auc = np.array([roc_auc(probs[:, c], labels == c) for c in range(len(class_names))])
+  result = {
+      'num_examples': len(labels),
+      'accuracy': float(_ratio(np.trace(confusion), confusion.sum())),
+      'balanced_accuracy': _nanmean(per_class['recall']),
+      'macro_f1': _nanmean(per_class['f1']),
+      'macro_roc_auc': _nanmean(auc),
+      'expected_calibration_error': expected_calibration_error(probs.max(axis=-1), predicted == labels),
+      'reliability': reliability(probs.max(axis=-1), predicted == labels),
+      'per_class': {name: {**{k: v[c] for k, v in per_class.items()}, 'roc_auc': auc[c]}
+                    for c, name in enumerate(class_names)},
+      'confusion_matrix': confusion,
+      'melanoma': None,
+  }
+  m = melanoma_index(class_names)
+  if m is not None:
+    p, positive = probs[:, m], labels == m
+    result['melanoma'] = {
+        'support': int(positive.sum()),
+        'roc_auc': roc_auc(p, positive),
+        'expected_calibration_error': expected_calibration_error(p, positive),
+        'reliability': reliability(p, positive),
+        'threshold': threshold,
+        **(binary_at_threshold(p, positive, threshold) if threshold is not None else {}),
+    }
+  return _jsonable(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """A checkpoint's full report and the predictions on the evaluated split (for plots)."""
+  report: dict[str, Any]
+  probs: np.ndarray
+  labels: np.ndarray
+
+
+def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, split: str,
+                        target_sensitivity: float, batch_size: int,
+                        checkpoint: dict[str, Any]) -> Evaluation:
+  """Reports on validation and `split`, at a melanoma threshold chosen on validation.
+
+  `checkpoint` (step, epoch, how it was selected) is recorded in the report
+  and the operating point.
+  """
+  examples = {'train': data.train, 'val': data.val, 'test': data.test}
+  predictions = {name: gather_predictions(state, examples[name], batch_size)
+                 for name in dict.fromkeys(('val', split))}
+  m = melanoma_index(data.class_names)
+  operating_point = None
+  if m is not None and np.any(predictions['val'][1] == m):
+    probs, labels = predictions['val']
+    operating_point = {
+        'class_name': datasets.MELANOMA, 'class_index': m,
+        'threshold': choose_threshold(probs[:, m], labels == m, target_sensitivity),
+        'rule': 'alert when p(melanoma) >= threshold',
+        'chosen_on': 'validation', 'target_sensitivity': target_sensitivity,
+        'checkpoint': checkpoint,
+    }
+  threshold = operating_point and operating_point['threshold']
+  full = {
+      'checkpoint': checkpoint,
+      'split': split,
+      'class_names': list(data.class_names),
+      'operating_point': operating_point,
+      'calibration_binning': CALIBRATION_BINNING,
+      'splits': {name: report(probs, labels, data.class_names, threshold)
+                 for name, (probs, labels) in predictions.items()},
+  }
+  return Evaluation(full, *predictions[split])
+
+
+# (title, report key) of the tables.
+_OVERALL_ROWS = (('accuracy', 'accuracy'), ('balanced accuracy', 'balanced_accuracy'),
+                 ('macro F1', 'macro_f1'), ('macro ROC AUC (one vs rest)', 'macro_roc_auc'),
+                 ('ECE (top class)', 'expected_calibration_error'))
+_MELANOMA_ROWS = (('melanomas', 'support'), ('ROC AUC', 'roc_auc'), ('sensitivity', 'sensitivity'),
+                  ('specificity', 'specificity'), ('PPV (alerts that are melanoma)', 'ppv'),
+                  ('NPV', 'npv'), ('missed melanomas', 'false_negatives'),
+                  ('false alarms', 'false_positives'),
+                  ('ECE of p(melanoma)', 'expected_calibration_error'))
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return 'n/a'
+  return f'{value:.3f}' if isinstance(value, float) else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
+          *('| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows)]
+
+
+def headline(full: dict[str, Any]) -> str:
+  """One line of the evaluated split's key figures, for logs."""
+  evaluated = full['splits'][full['split']]
+  line = (f'{SPLIT_TITLES[full["split"]]}: ' + ', '.join(
+      f'{title} {_cell(evaluated[key])}' for title, key in _OVERALL_ROWS))
+  op = full['operating_point']
+  if op is not None:
+    melanoma = evaluated['melanoma']
+    line += (f'; melanoma alert at p >= {op["threshold"]:.4f} (validation sensitivity >= '
+             f'{op["target_sensitivity"]:.2f}): ' + ', '.join(
+                 f'{title} {_cell(melanoma[key])}' for title, key in _MELANOMA_ROWS[1:5]))
+  return line
+
+
+def to_markdown(full: dict[str, Any]) -> str:
+  """report.md: the melanoma alert first, then overall, per-class and confusion tables."""
+  splits = full['splits']
+  names = list(splits)
+  header = ['', *(f'{SPLIT_TITLES[n]} ({splits[n]["num_examples"]} images)' for n in names)]
+  evaluated = splits[full['split']]
+  checkpoint = full['checkpoint']
+  lines = [f'# Evaluation on {SPLIT_TITLES[full["split"]]}', '',
+           f'Checkpoint: step {checkpoint["step"]}, epoch {checkpoint["epoch"]} '
+           f'({checkpoint["selected_by"]}).', '']
+  op = full['operating_point']
+  if op is None:
+    lines += ['No melanoma alert: the classes have no melanoma, or validation none.', '']
+  else:
+    lines += ['## Melanoma alert (melanoma vs rest)', '',
+              f'Alert when p(melanoma) >= **{op["threshold"]:.4f}**, chosen on validation as the highest '
+              f'threshold with sensitivity >= {op["target_sensitivity"]:.2f}.', '']
+    lines += _table(header, [(title, *(splits[n]['melanoma'][key] for n in names))
+                             for title, key in _MELANOMA_ROWS]) + ['']
+  lines += ['## Overall', ''] + _table(header, [(title, *(splits[n][key] for n in names))
+                                                for title, key in _OVERALL_ROWS])
+  lines += ['', f'Calibration: {full["calibration_binning"]}', '',
+            f'## Per class ({SPLIT_TITLES[full["split"]]})', '']
+  keys = ('support', 'precision', 'recall', 'specificity', 'f1', 'roc_auc')
+  lines += _table(['class', 'support', 'precision', 'recall (sensitivity)', 'specificity', 'F1',
+                   'ROC AUC'], [(name, *(m[k] for k in keys)) for name, m in evaluated['per_class'].items()])
+  class_names = full['class_names']
+  lines += ['', f'## Confusion matrix ({SPLIT_TITLES[full["split"]]}; rows true, columns predicted)', '']
+  lines += _table(['true \\ predicted', *(f'{i}' for i in range(len(class_names)))],
+                  [(f'{i} {name}', *row) for i, (name, row) in
+                   enumerate(zip(class_names, evaluated['confusion_matrix']))])
+  lines += ['', '## Plots', '', *(f'![{name}]({file})' for name, file in plots.REPORT_PLOTS.items()), '']
+  return '\n'.join(lines)
+
+
+def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
+  """report.json, report.md and the plots of the evaluated split; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  full = evaluation.report
+  (directory / REPORT_JSON).write_text(json.dumps(full, indent=2, allow_nan=False))
+  (directory / REPORT_MD).write_text(to_markdown(full))
+  evaluated = full['splits'][full['split']]
+  probs, labels = evaluation.probs, evaluation.labels
+  plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
+                           full['class_names'])
+  curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], evaluated['per_class'][name]['roc_auc'])
+            for c, name in enumerate(full['class_names'])
+            if evaluated['per_class'][name]['roc_auc'] is not None}
+  melanoma = evaluated['melanoma']
+  alert = None
+  if melanoma and None not in (melanoma.get('sensitivity'), melanoma.get('specificity')):
+    alert = (1 - melanoma['specificity'], melanoma['sensitivity'])
+  plots.roc_curves(directory / plots.ROC_PNG, curves, datasets.MELANOMA if melanoma else None, alert)
+  panels = {'top class (outcome: prediction correct)': evaluated['reliability']}
+  if melanoma:
+    panels['p(melanoma) (outcome: is melanoma)'] = melanoma['reliability']
+  plots.reliability_diagrams(directory / plots.RELIABILITY_PNG, panels)
+
+
+def write_operating_point(workdir: epath.PathLike, operating_point: dict[str, Any] | None) -> None:
+  """Saves the alert threshold with the model, for predict; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / OPERATING_POINT_FILE
+  if operating_point is None:
+    path.unlink(missing_ok=True)
+  else:
+    path.write_text(json.dumps(operating_point, indent=2))
+
+
+def read_operating_point(workdir: epath.PathLike) -> dict[str, Any] | None:
+  path = epath.Path(workdir) / OPERATING_POINT_FILE
+  return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,160 @@
+"""Melanoma alerts for image files with a trained run.
+
+  python -m melanoma_jax.inference --workdir=runs/balanced --output=preds.csv [--json] [--tta] PATH...
+
+PATHs are image files and folders (searched recursively for .jpg .jpeg .png
+.bmp, any case). One CSV row per image: per-class probabilities, predicted
+class, p(melanoma), and the alert flag at the threshold the run chose on
+validation (`operating_point.json`). An unreadable file gets its error in
+its row. --json also writes the same as JSON next to the CSV; --tta averages
+the 8 flips and rotations of each image.
+"""
+
+import csv
+import json
+import pathlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from melanoma_jax import cli, evaluation, steps
+from melanoma_jax.datasets import image_folders
+
+
+def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
+  """Files as given (so a bad one gets a row), and the images inside folders, sorted.
+
+  Hidden files and folders inside a folder are skipped (macOS `._*` forks).
+  """
+  found = []
+  for path in map(pathlib.Path, paths):
+    if path.is_dir():
+      found += sorted(p for p in path.rglob('*') if p.is_file()
+                      and p.suffix.lower() in image_folders.IMAGE_EXTENSIONS
+                      and not any(part.startswith('.') for part in p.relative_to(path).parts))
+    else:
+      found.append(path)
+  return found
+
+
+def dihedral(images: jax.Array, k: int) -> jax.Array:
+  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
+  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
+  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
+
+
+def predict_tta(state: steps.TrainState, images: jax.Array) -> jax.Array:
+  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
+  batch = images.shape[0]
+  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
+  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
+
+
+_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
+
+
+def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+  if not path.is_file():
+    return None, 'no such file'
+  try:
+    return image_folders.decode_image(path, image_size).pixels, None
+  except image_folders.UnreadableImageError as e:
+    return None, str(e)
+
+
+def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
+                  batch_size: int = 32, tta: bool = False
+                  ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
+  """(file, class probabilities or None, error or None) per file, in order.
+
+  Files are decoded a batch at a time; every batch is padded to
+  `batch_size`, so the jitted predict compiles once.
+  """
+  predict = _PREDICT[tta]
+  for start in range(0, len(files), batch_size):
+    chunk = files[start:start + batch_size]
+    decoded = [_decode(path, image_size) for path in chunk]
+    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+    readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+    for i in readable:
+      images[i] = decoded[i][0]
+    probs = np.asarray(predict(state, images)) if readable else None
+    for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
+      yield path, (None if error else probs[i]), error
+
+
+def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | None,
+                   class_names: Sequence[str], threshold: float | None) -> dict[str, Any]:
+  """One image's JSON-able result; the alert is None without an operating point."""
+  m = evaluation.melanoma_index(class_names)
+  row = {'file': str(path), 'error': error, 'predicted_class': None,
+         'melanoma_probability': None, 'melanoma_alert': None,
+         'probabilities': dict.fromkeys(class_names)}
+  if probs is not None:
+    row['probabilities'] = {name: float(p) for name, p in zip(class_names, probs)}
+    row['predicted_class'] = class_names[int(np.argmax(probs))]
+    if m is not None:
+      row['melanoma_probability'] = float(probs[m])
+      row['melanoma_alert'] = None if threshold is None else bool(probs[m] >= threshold)
+  return row
+
+
+def _cell(value: Any) -> Any:
+  if value is None:
+    return ''
+  if isinstance(value, bool):
+    return 'yes' if value else 'no'
+  return f'{value:.6f}' if isinstance(value, float) else value
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
+  """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
+  columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert',
+             *(f'p_{name}' for name in class_names), 'error']
+  with path.open('w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    for row in rows:
+      flat = {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}}
+      writer.writerow({c: _cell(flat[c]) for c in columns})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.run_parser(__doc__)
+  parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
+  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
+  parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--threshold', type=float, default=None,
+                      help="Alert threshold on p(melanoma); default: the run's operating point.")
+  args = parser.parse_args(argv)
+  state, config, meta = cli.restore(args)
+  class_names = meta['class_names']
+  operating_point = evaluation.read_operating_point(args.workdir)
+  threshold = args.threshold if args.threshold is not None else (
+      operating_point and operating_point['threshold'])
+  if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
+    print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
+          f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
+  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
+          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta)]
+  output = pathlib.Path(args.output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  write_csv(output, rows, class_names)
+  if args.json:
+    output.with_suffix('.json').write_text(json.dumps({
+        'workdir': args.workdir, 'step': int(state.step), 'class_names': class_names,
+        'threshold': threshold, 'tta': args.tta, 'predictions': rows}, indent=2))
+  errors = sum(row['error'] is not None for row in rows)
+  alerts = sum(bool(row['melanoma_alert']) for row in rows)
+  print(f'{len(rows)} images ({errors} unreadable), {alerts} melanoma alerts at threshold '
+        f'{threshold}: {output}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,105 @@
+"""Grad-CAM: where in the image the model found evidence for a class.
+
+  python -m melanoma_jax.saliency --workdir=runs/balanced --image=lesion.jpg --class=melanoma --output=cam.png
+
+Grad-CAM (Selvaraju et al., 2017) weighs the rectified feature maps of the
+last convolution (SeedCNN's conv4) by the mean gradient of the class score
+(the logit, before softmax) with respect to them, keeps the positive part,
+and upsamples it onto the image. So a clinician can check that an alert
+rests on the lesion, not on a ruler, hair or the vignette.
+"""
+
+import sys
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from melanoma_jax import cli, plots, steps
+from melanoma_jax.datasets import image_folders
+
+# SeedCNN: bn4 takes relu(conv4), the rectified maps of the last convolution,
+# which sits after two 2x2 poolings (a feature-map pixel per 4 image pixels).
+_FEATURES_INPUT_OF = 'bn4'
+_FEATURE_STRIDE = 4
+
+
+def _class_score(logits: jax.Array, class_index: jax.Array) -> jax.Array:
+  """The logit of the class; a 1-unit sigmoid head's logit favours class 1, so class 0 is its negative."""
+  if logits.shape[-1] == 1:
+    return jnp.where(class_index == 1, logits[0], -logits[0])
+  return logits[class_index]
+
+
+def _features_and_gradients(state: steps.TrainState, image: jax.Array,
+                            class_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The last conv layer's rectified maps [h, w, K] and the class score's gradient there."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def run(features: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Logits and the maps; given `features`, the network continues from them instead."""
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.module.name == _FEATURES_INPUT_OF and context.method_name == '__call__':
+        seen.append(args[0])
+        args = args if features is None else (features, *args[1:])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      logits = state.model.apply(variables, image[None], train=False)
+    return logits[0], seen[0]
+
+  _, features = run(None)
+  gradients = jax.grad(lambda f: _class_score(run(f)[0], class_index))(features)
+  return features[0], gradients[0]
+
+
+@jax.jit
+def grad_cam(state: steps.TrainState, image: jax.Array, class_index: jax.Array) -> jax.Array:
+  """Grad-CAM of `class_index` for one uint8 image [H, W, 3]: [H, W] in [0, 1], 1 at the peak."""
+  features, gradients = _features_and_gradients(state, image, class_index)
+  cam = jax.nn.relu(jnp.tensordot(features, jnp.mean(gradients, axis=(0, 1)), axes=1))
+  # Valid convolutions trim the border: feature pixels are centred on the
+  # image's middle, _FEATURE_STRIDE apart; outside them the map is 0.
+  size = image.shape[:2]
+  scale = jnp.array([_FEATURE_STRIDE, _FEATURE_STRIDE], jnp.float32)
+  offset = (jnp.array(size, jnp.float32) - scale * jnp.array(cam.shape, jnp.float32)) / 2
+  cam = jax.image.scale_and_translate(cam, size, (0, 1), scale, offset, 'linear')
+  return jnp.clip(cam / jnp.maximum(jnp.max(cam), 1e-12), 0.0, 1.0)
+
+
+def class_index(name_or_index: str, class_names: Sequence[str]) -> int:
+  """A class given by name or number."""
+  if name_or_index in class_names:
+    return list(class_names).index(name_or_index)
+  if name_or_index.isdigit() and int(name_or_index) < len(class_names):
+    return int(name_or_index)
+  raise ValueError(f'Unknown class {name_or_index!r}; classes: {list(class_names)}.')
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.run_parser(__doc__)
+  parser.add_argument('--image', required=True)
+  parser.add_argument('--class', dest='class_name', default=None,
+                      help='Class name or number; default: the predicted class.')
+  parser.add_argument('--output', required=True, help='PNG file to write.')
+  args = parser.parse_args(argv)
+  state, config, meta = cli.restore(args)
+  class_names = meta['class_names']
+  try:
+    pixels = image_folders.decode_image(args.image, config.image_size).pixels
+    probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
+    index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
+  except (image_folders.UnreadableImageError, ValueError) as e:
+    sys.exit(f'Error: {args.image}: {e}')
+  cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
+  plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
+                         f'(p={probs[index]:.3f}; predicted {class_names[int(np.argmax(probs))]})')
+  print(f'Wrote {args.output}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,103 @@
+"""What a trained run gives a clinician: reports, predict, evaluate and Grad-CAM."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from melanoma_jax import evaluate, evaluation, inference, plots, saliency, train
+
+
+@pytest.fixture(scope='module')
+def run(tiny_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  config = tiny_config.copy_and_resolve_references()
+  config.num_epochs = 1
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def restored(run):
+  return train.restore_for_inference(str(run))
+
+
+def test_training_leaves_reports_plots_and_the_operating_point(run):
+  report = json.loads((run / evaluation.REPORT_JSON).read_text())
+  assert report['split'] == 'test' and set(report['splits']) == {'val', 'test'}
+  operating_point = evaluation.read_operating_point(run)
+  assert operating_point == report['operating_point']
+  assert operating_point['target_sensitivity'] == 0.9
+  validation = report['splits']['val']['melanoma']
+  assert validation['threshold'] == operating_point['threshold']
+  assert validation['sensitivity'] >= 0.9
+  assert report['splits']['test']['melanoma']['threshold'] == operating_point['threshold']
+  assert 'Melanoma alert' in (run / evaluation.REPORT_MD).read_text()
+  for png in ('curves.png', *plots.REPORT_PLOTS.values()):
+    assert (run / png).stat().st_size > 10_000, png
+
+
+def _write_images(folder):
+  """Three readable images (one in a subfolder, upper-case extension, RGBA) and a corrupt one."""
+  rng = np.random.default_rng(0)
+  (folder / 'sub').mkdir(parents=True)
+  Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(folder / 'a.png')
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(folder / 'sub' / 'b.JPG', 'JPEG')
+  Image.fromarray(rng.integers(0, 256, (20, 20, 4), np.uint8)).save(folder / 'c.bmp')
+  (folder / 'sub' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  (folder / 'notes.txt').write_text('not an image: skipped in folders')
+
+
+def test_predict_gives_every_file_a_row_and_the_corrupt_one_its_error(run, tmp_path):
+  _write_images(tmp_path / 'images')
+  output = tmp_path / 'out' / 'preds.csv'
+  inference.main(['--workdir', str(run), '--output', str(output), '--json', '--batch_size', '2',
+                str(tmp_path / 'images'), str(tmp_path / 'missing.png')])
+  with output.open() as f:
+    rows = {row['file'].split('/')[-1]: row for row in csv.DictReader(f)}
+  assert set(rows) == {'a.png', 'b.JPG', 'c.bmp', 'corrupt.jpg', 'missing.png'}
+  assert rows['missing.png']['error'] == 'no such file'
+  assert rows['corrupt.jpg']['error'] and rows['corrupt.jpg']['melanoma_probability'] == ''
+  threshold = evaluation.read_operating_point(run)['threshold']
+  class_names = json.loads(output.with_suffix('.json').read_text())['class_names']
+  for name in ('a.png', 'b.JPG', 'c.bmp'):
+    row = rows[name]
+    probs = np.array([float(row[f'p_{c}']) for c in class_names])
+    assert row['error'] == '' and probs.sum() == pytest.approx(1, abs=1e-5)
+    assert row['predicted_class'] == class_names[int(np.argmax(probs))]
+    assert row['melanoma_probability'] == row['p_melanoma']
+    assert row['melanoma_alert'] == ('yes' if float(row['p_melanoma']) >= threshold else 'no')
+
+
+def test_tta_averages_the_eight_flips_and_rotations(restored):
+  state, _, meta = restored
+  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  probs = inference.predict_tta(state, images)
+  assert probs.shape == (3, len(meta['class_names']))
+  # The 8 transforms are a group: transforming the input only reorders them.
+  turned = inference.predict_tta(state, inference.dihedral(jnp.asarray(images), 5))
+  np.testing.assert_allclose(turned, probs, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluate_writes_the_report_of_a_checkpoint_on_a_split(run, tmp_path):
+  evaluate.main(['--workdir', str(run), '--split', 'val', '--output_dir', str(tmp_path)])
+  report = json.loads((tmp_path / evaluation.REPORT_JSON).read_text())
+  assert report['split'] == 'val' and list(report['splits']) == ['val']
+  assert report['operating_point']['threshold'] == evaluation.read_operating_point(run)['threshold']
+  assert (tmp_path / plots.ROC_PNG).exists()
+
+
+def test_grad_cam_is_a_map_of_the_image_size_in_0_1(restored, tmp_path, run):
+  state, _, _ = restored
+  image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8)
+  cam = np.asarray(saliency.grad_cam(state, image, jnp.asarray(3)))
+  assert cam.shape == (32, 32)
+  assert cam.min() >= 0 and cam.max() <= 1
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  saliency.main(['--workdir', str(run), '--image', str(tmp_path / 'x.png'), '--class', 'melanoma',
+                 '--output', str(tmp_path / 'cam.png')])
+  assert (tmp_path / 'cam.png').stat().st_size > 10_000
