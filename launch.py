@@ -19,6 +19,11 @@ flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
                   'train (preparing the dataset first if needed), or only prepare the dataset.')
 flags.DEFINE_bool('start_over', False, 'Move a previous run in --workdir aside (to previous_runs/) '
                   'instead of resuming it; needed when the model or data changed.')
+flags.DEFINE_bool('distributed', False, 'Multi-host: join the other processes, found automatically '
+                  'on Cloud TPU VMs and under SLURM.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host, explicit: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host, explicit: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host, explicit: this process, 0 to num_processes-1.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -31,7 +36,9 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import input_pipeline, train
+  from melanoma_jax import distributed, input_pipeline, train
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.distributed)
   from melanoma_jax.datasets import image_folders
   logging.info('Config:\n%s', FLAGS.config)
   try:

@@ -54,7 +54,9 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # Optimisation. batch_size is global: split evenly over all devices.
   config.batch_size = 32
   config.num_epochs = 20
+  config.optimizer = 'adam'  # or 'sgd' (with config.momentum)
   config.learning_rate = 1e-3
+  config.momentum = 0.9  # sgd only
   config.seed = 123
 
   # Keras ReduceLROnPlateau(monitor='val_loss') semantics, once per epoch.

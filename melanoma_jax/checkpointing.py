@@ -12,9 +12,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import errors, steps
 
@@ -45,17 +48,29 @@ def save(mngr: ocp.CheckpointManager, state: steps.TrainState, meta: dict[str, A
   crash mid-save never replaces a good checkpoint with a partial one.
   """
   metrics = {'val_loss': meta['val_loss']} if 'val_loss' in meta else None
+  global_state = multihost_utils.host_local_array_to_global_array(state, _global_mesh(), P())
   mngr.save(int(state.step), metrics=metrics, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      state=ocp.args.StandardSave(global_state), meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int,
             state: steps.TrainState) -> tuple[steps.TrainState, dict[str, Any]]:
-  """The state saved at `step`, in the structure (and static fields) of `state`."""
+  """The state saved at `step`, in the structure (and static fields) of `state`.
+
+  Every host restores the same replicated state onto its own devices.
+  """
+  replicated = NamedSharding(_global_mesh(), P())
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-  return restored.state, restored.meta
+      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+  local = multihost_utils.global_array_to_host_local_array(restored.state, _global_mesh(), P())
+  return local, restored.meta
+
+
+def _global_mesh() -> Mesh:
+  """All devices of all hosts: orbax saves arrays that span every process."""
+  return Mesh(np.array(jax.devices()), ('devices',))
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -21,10 +21,12 @@ DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
-  parser.add_argument('--split', choices=('train', 'val', 'test'), default='test')
-  parser.add_argument('--output_dir', default=None)
+  parser.add_argument('--split', choices=('train', 'val', 'test'), default='test',
+                      help='Split to report on (besides validation, where the threshold is chosen).')
+  parser.add_argument('--output_dir', default=None, help='Default: WORKDIR/evaluation/<split>-step<N>.')
   parser.add_argument('--target_sensitivity', type=float, default=None,
-                      help="Melanoma sensitivity the threshold must reach on validation; default: the run's config.")
+                      help='Melanoma sensitivity the threshold must reach on validation; '
+                      "default: the run's config.")
   args = parser.parse_args(argv)
   state, config, meta = cli.restore(args)
   data = input_pipeline.load_data(config)
@@ -33,11 +35,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   target = args.target_sensitivity or config.get('target_sensitivity', DEFAULT_TARGET_SENSITIVITY)
   step = int(state.step)
   checkpoint = {'step': step, 'epoch': meta['epoch'],
-                'selected_by': 'lowest validation loss' if args.step is None else '--step'}
+                'selected_by': 'lowest validation loss' if args.step is None else 'given --step'}
   # Any device count: round the batch up to a multiple of it.
   batch_size = math.ceil(config.batch_size / jax.device_count()) * jax.device_count()
   result = evaluation.evaluate_checkpoint(state, data, args.split, target, batch_size, checkpoint)
-  output_dir = epath.Path(args.output_dir or epath.Path(args.workdir) / 'evaluation' / f'{args.split}-step{step}')
+  output_dir = epath.Path(args.output_dir or
+                          epath.Path(args.workdir) / 'evaluation' / f'{args.split}-step{step}')
   evaluation.write_reports(output_dir, result)
   if jax.process_index() == 0:
     print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON} and plots.')

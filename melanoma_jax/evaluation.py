@@ -44,7 +44,9 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Class probabilities [N, C] and labels [N] of a split, in its order, on every host.
 
-  `batch_size` is global, as for `input_pipeline.eval_batches`.
+  `batch_size` is global, as for `input_pipeline.eval_batches`. Host p holds
+  examples p, p + hosts, ... (`input_pipeline.host_shard`): the shares are
+  gathered and interleaved back, padding dropped.
   """
   local = {'probs': [], 'label': [], 'mask': []}
   for batch in input_pipeline.eval_batches(examples, batch_size):
@@ -53,7 +55,7 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
     local['mask'].append(batch['mask'])
   local = {k: np.concatenate([np.asarray(v).reshape(-1, *v.shape[2:]) for v in parts])
            for k, parts in local.items()}
-  # [hosts, padded share, ...]; host p holds examples p, p + hosts, p + 2 hosts, ...
+  # [hosts, padded share, ...]: every host runs the same number of batches.
   gathered = multihost_utils.process_allgather(local)
   ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
   keep = ordered['mask'].astype(bool)

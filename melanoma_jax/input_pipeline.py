@@ -205,15 +205,23 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
                   epoch: int, num_steps: int, skip_steps: int = 0) -> Iterator[Batch]:
   """One epoch of this host's training batches, [local_devices, per_device, ...].
 
-  `train` is this host's share (`host_shard`); seeds depend on (seed, epoch,
-  host), so an epoch's stream is reproducible, and a run resumed mid-epoch
-  skips its first `skip_steps` batches without preprocessing them.
+  Every host draws the same global stream of example indices, seeded by
+  (seed, epoch), and reads and augments only its own slice of each global
+  batch. So the global batches, and the training run, are the same whatever
+  the number of hosts and devices, an epoch's stream is reproducible, and a
+  run resumed mid-epoch skips its first `skip_steps` batches without
+  preprocessing them.
   """
   devices = jax.local_device_count()
-  local_batch = config.batch_size // jax.process_count()
-  seed = (config.seed * 1_000_003 + epoch) * 1009 + jax.process_index()
+  hosts, host = jax.process_count(), jax.process_index()
+  local_batch = config.batch_size // hosts
+  seed = config.seed * 1_000_003 + epoch
   images = tf.constant(train.images)
   labels = tf.constant(train.labels)
+
+  def mine(position, index):
+    del index
+    return (position % config.batch_size) // local_batch == host
 
   def example(position, index):
     image = tf.gather(images, index)
@@ -222,7 +230,9 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     return {'image': image, 'label': tf.gather(labels, index)}
 
   ds = _index_stream(train.labels, config.balance_classes, num_classes, seed)
-  ds = ds.take(num_steps * local_batch).enumerate().skip(skip_steps * local_batch)
+  ds = ds.take(num_steps * config.batch_size).enumerate().skip(skip_steps * config.batch_size)
+  if hosts > 1:
+    ds = ds.filter(mine)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda b: tf.nest.map_structure(

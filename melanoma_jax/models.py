@@ -5,6 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from melanoma_jax import layers
+
 
 class SeedCNN(nn.Module):
   """The course project's Keras CNN, layer for layer.
@@ -22,22 +24,26 @@ class SeedCNN(nn.Module):
     axis_name: the device axis BatchNorm averages batch statistics over;
       None outside pmap/shard_map so the same module runs on one device.
     dtype: compute dtype (parameters stay float32).
+    conv_impl: how convolutions and poolings are lowered (`layers.resolve`);
+      every choice computes the same function with the same parameters.
   """
   num_classes: int
   dropout_rate: float = 0.5
   bn_momentum: float = 0.99
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = jnp.asarray(images, self.dtype) / 255.0
     conv = lambda features, name: nn.Conv(
-        features, (3, 3), padding='VALID', dtype=self.dtype, name=name)
+        features, (3, 3), padding='VALID', dtype=self.dtype, name=name,
+        conv_general_dilated=layers.conv_general_dilated(self.conv_impl))
     batch_norm = lambda name: nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum,
         epsilon=1e-3, axis_name=self.axis_name, dtype=self.dtype, name=name)
-    pool = lambda y: nn.max_pool(y, (2, 2), strides=(2, 2))
+    pool = lambda y: layers.max_pool_2x2(y, self.conv_impl)
 
     x = nn.relu(conv(32, 'conv1')(x))
     x = pool(nn.relu(conv(32, 'conv2')(x)))

@@ -81,7 +81,7 @@ def keras_plateau(learning_rate: float, factor: float, patience: int,
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> PlateauOptimizer:
-  """Adam at `config.learning_rate`, with the plateau rule from `config.plateau`.
+  """Adam (or SGD) at `config.learning_rate`, with the plateau rule from `config.plateau`.
 
   With `config.plateau.enabled` False the training loop never calls
   `end_epoch`, so the scale stays 1 and the learning rate constant. With
@@ -89,7 +89,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> PlateauOptimizer:
   nothing (`optax.apply_if_finite`).
   """
   p = config.plateau
-  base = optax.adam(config.learning_rate)
+  if config.optimizer == 'adam':
+    base = optax.adam(config.learning_rate, eps=1e-7)  # Keras' epsilon, as the seed recipe
+  elif config.optimizer == 'sgd':
+    base = optax.sgd(config.learning_rate, momentum=config.momentum or None)
+  else:
+    raise ValueError(f"config.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
   if config.skip_nonfinite_steps:
     base = optax.apply_if_finite(base, max_consecutive_errors=MAX_CONSECUTIVE_NONFINITE)
   return PlateauOptimizer(

@@ -38,7 +38,7 @@ def confusion_matrices(path: epath.PathLike, confusion: Sequence[Sequence[int]],
   support = counts.sum(axis=1, keepdims=True)
   normalised = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
   n = len(class_names)
-  fig, axes = plt.subplots(1, 2, figsize=(2 * (3 + 0.7 * n), 2 + 0.6 * n))
+  fig, axes = plt.subplots(1, 2, figsize=(2 * (2.5 + 0.55 * n), 2 + 0.55 * n))
   for ax, values, title, fmt in ((axes[0], counts, 'counts', '{:.0f}'),
                                  (axes[1], normalised, 'row-normalised (recall on diagonal)', '{:.2f}')):
     ax.imshow(values, cmap='Blues', vmin=0)
@@ -94,13 +94,14 @@ def reliability_diagrams(path: epath.PathLike, panels: Mapping[str, Mapping[str,
 
 def grad_cam_overlay(path: epath.PathLike, image: np.ndarray, cam: np.ndarray, title: str) -> None:
   """The image as the model saw it, and with the Grad-CAM map over it."""
-  fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+  fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), gridspec_kw={'width_ratios': (1, 1.08)})
   axes[0].imshow(image)
   axes[0].set_title('input')
   axes[1].imshow(image)
   shown = axes[1].imshow(cam, cmap='jet', alpha=0.45, vmin=0, vmax=1)
-  axes[1].set_title(title)
-  fig.colorbar(shown, ax=axes[1], fraction=0.046, label='Grad-CAM (relative)')
+  axes[1].set_title('Grad-CAM')
+  fig.colorbar(shown, ax=axes[1], fraction=0.046, label='relative evidence')
+  fig.suptitle(title)
   for ax in axes:
     ax.axis('off')
   _save(fig, path)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.scipy import ndimage
 import numpy as np
 
 from melanoma_jax import cli, plots, steps
@@ -62,12 +63,12 @@ def grad_cam(state: steps.TrainState, image: jax.Array, class_index: jax.Array) 
   """Grad-CAM of `class_index` for one uint8 image [H, W, 3]: [H, W] in [0, 1], 1 at the peak."""
   features, gradients = _features_and_gradients(state, image, class_index)
   cam = jax.nn.relu(jnp.tensordot(features, jnp.mean(gradients, axis=(0, 1)), axes=1))
-  # Valid convolutions trim the border: feature pixels are centred on the
-  # image's middle, _FEATURE_STRIDE apart; outside them the map is 0.
-  size = image.shape[:2]
-  scale = jnp.array([_FEATURE_STRIDE, _FEATURE_STRIDE], jnp.float32)
-  offset = (jnp.array(size, jnp.float32) - scale * jnp.array(cam.shape, jnp.float32)) / 2
-  cam = jax.image.scale_and_translate(cam, size, (0, 1), scale, offset, 'linear')
+  # Valid convolutions trim the border: feature pixels are _FEATURE_STRIDE
+  # image pixels apart, centred on the image; interpolate bilinearly between
+  # their centres and hold the edge values out to the image border.
+  coords = [(jnp.arange(size) + 0.5 - (size - _FEATURE_STRIDE * n) / 2) / _FEATURE_STRIDE - 0.5
+            for size, n in zip(image.shape[:2], cam.shape)]
+  cam = ndimage.map_coordinates(cam, jnp.meshgrid(*coords, indexing='ij'), order=1, mode='nearest')
   return jnp.clip(cam / jnp.maximum(jnp.max(cam), 1e-12), 0.0, 1.0)
 
 

@@ -5,6 +5,7 @@ All side effects of training live here (and in `reporting`); the maths is in
 """
 
 import functools
+import hashlib
 import json
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import (checkpointing, evaluation, input_pipeline, metrics as metrics_lib, models,
                           optim, preemption, reporting, steps)
@@ -140,7 +142,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data = input_pipeline.load_data(config)
   num_classes = len(data.class_names)
   outputs = num_outputs(config, num_classes)
-  train_examples = input_pipeline.host_shard(data.train)
   epoch_steps = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
   bn_momentum = config.model.bn_momentum or derive_bn_momentum(epoch_steps)
   logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; '
@@ -149,6 +150,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, build_state(config, outputs, bn_momentum), workdir)
+  # Replicated on this host's devices, as the pmapped step returns it: the
+  # step donates the state, and donation that needs resharding fails on
+  # multi-host pmap.
+  state = jax.device_put(state, NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), P()))
   history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta.get('epoch', 0)]
   reporting.write_history(workdir, history)
   if meta:
@@ -167,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
       total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
       window_start, window_step = epoch_start, offset
-      batches = input_pipeline.train_batches(train_examples, config, num_classes, epoch, epoch_steps, offset)
+      batches = input_pipeline.train_batches(data.train, config, num_classes, epoch, epoch_steps, offset)
       for i, batch in enumerate(batches, offset + 1):
         state, step_metrics = p_train(state, batch)
         total = metrics_lib.accumulate(total, step_metrics)
@@ -210,9 +215,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         manager.close()
         return None
 
+  logging.info('Final parameters sha256 %s (process %d)', params_digest(state.params), jax.process_index())
   result = _final_evaluation(manager, state, history, data, p_eval, config, workdir)
   manager.close()
   return result
+
+
+def params_digest(params: Any) -> str:
+  """A fingerprint of the parameters, to check that all hosts agree."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],

@@ -3,17 +3,19 @@
 import itertools
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from melanoma_jax import optim
 
 
 def _config(lr=1e-3, factor=0.5, patience=2, min_delta=1e-4, cooldown=0, min_lr=1e-5):
-  return ml_collections.ConfigDict({'learning_rate': lr, 'plateau': {
-      'enabled': True, 'factor': factor, 'patience': patience, 'min_delta': min_delta,
-      'cooldown': cooldown, 'min_lr': min_lr}})
+  config = default.get_config('synthetic')
+  config.learning_rate = lr
+  config.plateau.update({'enabled': True, 'factor': factor, 'patience': patience,
+                         'min_delta': min_delta, 'cooldown': cooldown, 'min_lr': min_lr})
+  return config
 
 
 def _ours(config, losses):

@@ -1,9 +1,12 @@
 """Tests of the folder-reading logic and the isic_skin_cancer / image_folder builders."""
 
+import os
 import pathlib
 import struct
 import zlib
 
+from etils import epath
+from etils.epath import gpath
 import numpy as np
 from PIL import Image
 import pytest
@@ -360,3 +363,40 @@ def test_image_folder_class_mismatch_is_named_at_construction(tmp_path):
   _tree(tmp_path, {'Test': 1}, ['c'])
   with pytest.raises(image_folders.DatasetLayoutError, match=r"Train lacks \['c'\]"):
     tfds.builder('image_folder', manual_dir=tmp_path, data_dir=tmp_path / 'data')
+
+
+# --- Remote trees -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch) -> str:
+  """`gs://bucket`, served from `tmp_path` through epath only.
+
+  Reading it with bare `open`, `os.path` or `pathlib` finds nothing, as on a
+  real bucket.
+  """
+  # With TensorFlow installed, epath sends gs:// to tf.io.gfile, which epath's mocks bypass.
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+
+  def local(original, path, *args, **kwargs):
+    return original(os.fspath(path).replace('gs://bucket', str(tmp_path), 1), *args, **kwargs)
+
+  calls = ('exists', 'glob', 'isdir', 'listdir', 'open', 'stat', 'walk')
+  with epath.testing.mock_epath(**dict.fromkeys(calls, local)):
+    yield 'gs://bucket'
+
+
+def test_builders_read_trees_and_csvs_on_remote_file_systems(bucket, tmp_path):
+  _isic_archive(tmp_path / 'isic')
+  isic = _prepare(tfds.builder('isic_skin_cancer', data_dir=tmp_path / 'data', config=_small_config()),
+                  manual_dir=f'{bucket}/isic')
+  assert isic.preparation_report()['root'] == f'{bucket}/isic/{isic_skin_cancer.ARCHIVE_NAME}'
+  assert isic.info.splits['train'].num_examples == 2 * 9 + DECODABLE
+  _tree(tmp_path / 'derm', {'Train': 2, 'Test': 1}, ['a', 'b'])
+  (tmp_path / 'groups.csv').write_text('image,lesion_id\nimg_0_0,L1\n', encoding='utf-8')
+  config = _small_config('remote', groups_csv=f'{bucket}/groups.csv')
+  folder = _prepare(tfds.builder('image_folder', manual_dir=f'{bucket}/derm',
+                                 data_dir=tmp_path / 'data', config=config))
+  report = folder.preparation_report()
+  assert (report['root'], report['totals']) == (f'{bucket}/derm', {'train': 4, 'test': 2})
+  assert report['groups']['images_in_csv'] == 2  # img_0_0 in Train/a and Test/a.

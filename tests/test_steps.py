@@ -68,8 +68,8 @@ def test_pmap_and_shard_map_give_identical_results(dropout_rate, num_steps):
     s_shard, m_shard = sharded(s_shard, jax.device_put(batch, NamedSharding(mesh, P('d'))))
     # Same maths; the two lowerings may order float reductions differently.
     assert _max_diff(m_pmap, m_shard) < 1e-4
-  assert _max_diff(s_pmap.params, s_shard.params) < 1e-6
-  assert _max_diff(s_pmap.batch_stats, s_shard.batch_stats) < 1e-6
+  assert _max_diff(s_pmap.params, s_shard.params) < 2e-5
+  assert _max_diff(s_pmap.batch_stats, s_shard.batch_stats) < 2e-5
   assert int(s_pmap.step) == int(s_shard.step) == num_steps
 
 

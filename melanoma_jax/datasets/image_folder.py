@@ -14,9 +14,9 @@ needs its own `data_dir` or config name: they share the dataset name.
 """
 
 import os
-import pathlib
 from typing import Any
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import image_folders
@@ -25,7 +25,7 @@ from melanoma_jax.datasets import image_folders
 class ImageFolder(image_folders.FolderBuilder):
   """Images in ROOT/<split>/<class>/ folders; labels are the class folder names."""
 
-  def __init__(self, *, manual_dir: os.PathLike[str] | str | None = None, **kwargs: Any):
+  def __init__(self, *, manual_dir: epath.PathLike | None = None, **kwargs: Any):
     self._tree = None if manual_dir is None else image_folders.scan_tree(manual_dir)
     super().__init__(**kwargs)
     self._original_state['manual_dir'] = manual_dir  # Pickling re-runs __init__.
@@ -59,7 +59,7 @@ class ImageFolder(image_folders.FolderBuilder):
     if self._tree is None:  # Built from prepared files, then asked to regenerate them.
       raise self._needs_tree()
     given = download_config.manual_dir
-    if given is not None and pathlib.Path(given).absolute() != self._tree.root:
+    if given is not None and image_folders.absolute_path(given) != self._tree.root:
       raise image_folders.DatasetLayoutError(
           f'DownloadConfig(manual_dir={given!s}) differs from the tree this builder was '
           f'made with ({self._tree.root}); pass the tree as manual_dir= to the builder only.')

@@ -2,21 +2,24 @@
 
 The scanning, decoding and grouping functions are plain Python so they can be
 tested without TFDS; `FolderBuilder` wires them into a TFDS builder that also
-writes a preparation report next to the prepared files.
+writes a preparation report next to the prepared files. All file access goes
+through `etils.epath`, so trees and CSVs may live on `gs://` or other remote
+file systems.
 """
 
 import abc
 import collections
 import csv
 import dataclasses
+import io
 import json
-import os
 import pathlib
 import re
 import unicodedata
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -58,7 +61,7 @@ class UnreadableImageError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
   """One candidate image file found by `scan_tree`."""
-  path: pathlib.Path
+  path: epath.Path
   file_name: str  # Relative to the root, '/'-separated.
   class_name: str
 
@@ -73,7 +76,7 @@ class Skipped:
 @dataclasses.dataclass(frozen=True)
 class FolderTree:
   """The images of a tree, per TFDS split name."""
-  root: pathlib.Path
+  root: epath.Path
   class_names: tuple[str, ...]
   splits: Mapping[str, tuple[ImageRecord, ...]]
   skipped: tuple[Skipped, ...]
@@ -110,23 +113,29 @@ def split_name(folder_name: str) -> str:
   return name
 
 
-def _visible(folder: pathlib.Path) -> list[pathlib.Path]:
+def absolute_path(path: epath.PathLike) -> epath.Path:
+  """`path` made absolute; epath's own `absolute()` mangles URIs such as gs://."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
+def _visible(folder: epath.Path) -> list[epath.Path]:
   """Sorted entries of a folder, without hidden files and zip artifacts."""
   return sorted(p for p in folder.iterdir()
                 if not p.name.startswith('.') and p.name not in _IGNORED_NAMES)
 
 
-def _has_split_dirs(folder: pathlib.Path, splits: Sequence[str]) -> bool:
+def _has_split_dirs(folder: epath.Path, splits: Sequence[str]) -> bool:
   return any(p.is_dir() and p.name.lower() in splits for p in _visible(folder))
 
 
-def find_root(path: os.PathLike[str] | str, splits: Sequence[str]) -> pathlib.Path:
+def find_root(path: epath.PathLike, splits: Sequence[str]) -> epath.Path:
   """Returns `path`, or its only subfolder holding split folders.
 
   Users point at the archive folder or at the folder they extracted it into;
   both work.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.is_dir() or _has_split_dirs(path, splits):
     return path
   candidates = [p for p in _visible(path) if p.is_dir() and _has_split_dirs(p, splits)]
@@ -137,8 +146,8 @@ def find_root(path: os.PathLike[str] | str, splits: Sequence[str]) -> pathlib.Pa
   return candidates[0] if candidates else path
 
 
-def _split_dirs(root: pathlib.Path, splits: Sequence[str] | None,
-                help_text: str) -> dict[str, pathlib.Path]:
+def _split_dirs(root: epath.Path, splits: Sequence[str] | None,
+                help_text: str) -> dict[str, epath.Path]:
   """Maps TFDS split names to their folders under `root`."""
   entries = _visible(root)
   if not entries:
@@ -162,8 +171,8 @@ def _split_dirs(root: pathlib.Path, splits: Sequence[str] | None,
   return found if splits is None else {s: found[s] for s in splits}
 
 
-def _class_dirs(split_dir: pathlib.Path, root: pathlib.Path, help_text: str,
-                skipped: list[Skipped]) -> dict[str, pathlib.Path]:
+def _class_dirs(split_dir: epath.Path, root: epath.Path, help_text: str,
+                skipped: list[Skipped]) -> dict[str, epath.Path]:
   """Class folders of one split; stray files go to `skipped`."""
   classes = {}
   for entry in _visible(split_dir):
@@ -194,7 +203,7 @@ def _check_classes(classes_per_split: Mapping[str, Sequence[str]],
   return tuple(sorted(union))
 
 
-def scan_tree(root: os.PathLike[str] | str, *, splits: Sequence[str] | None = None,
+def scan_tree(root: epath.PathLike, *, splits: Sequence[str] | None = None,
               class_names: Sequence[str] | None = None,
               help_text: str | None = None) -> FolderTree:
   """Lists the images of a `ROOT/<split>/<class>/<image>` tree, checking its layout.
@@ -213,7 +222,7 @@ def scan_tree(root: os.PathLike[str] | str, *, splits: Sequence[str] | None = No
   Raises:
     DatasetLayoutError: with what to fix.
   """
-  root = pathlib.Path(root).absolute()
+  root = absolute_path(root)
   help_text = help_text or f'Expected layout:\n{layout_diagram()}'
   if not root.is_dir():
     raise DatasetLayoutError(f'Dataset folder {root} does not exist.\n{help_text}')
@@ -231,10 +240,11 @@ def scan_tree(root: os.PathLike[str] | str, *, splits: Sequence[str] | None = No
       images = []
       for entry in _visible(folder):
         file_name = entry.relative_to(root).as_posix()
-        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
-          images.append(ImageRecord(entry, file_name, class_name))
-        elif entry.is_dir():
+        # One query per entry: on remote file systems each is a round trip.
+        if entry.is_dir():
           skipped.append(Skipped(file_name, 'folder inside a class folder (not read)'))
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+          images.append(ImageRecord(entry, file_name, class_name))
         else:
           skipped.append(Skipped(file_name, f'unsupported extension {entry.suffix!r}'))
       records[split] += images
@@ -255,12 +265,13 @@ def group_key(file_name: str) -> str:
   return unicodedata.normalize('NFC', name)  # macOS file systems store NFD.
 
 
-def read_groups_csv(path: os.PathLike[str] | str) -> dict[str, str]:
+def read_groups_csv(path: epath.PathLike) -> dict[str, str]:
   """Maps `group_key`s to lesion or patient ids, so splits can keep a group together."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise DatasetLayoutError(f'Groups CSV {path} not found.')
-  with path.open(newline='', encoding='utf-8-sig') as f:
+  # Decoded here: epath's `open` takes neither `newline=''` nor 'utf-8-sig' (Excel's BOM).
+  with io.StringIO(path.read_bytes().decode('utf-8-sig'), newline='') as f:
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
@@ -329,14 +340,14 @@ def _normalize(image: Image.Image, image_size: int) -> DecodedImage:
   return DecodedImage(np.asarray(image, dtype=np.uint8), tuple(conversions))
 
 
-def decode_image(path: os.PathLike[str] | str, image_size: int) -> DecodedImage:
+def decode_image(path: epath.PathLike, image_size: int) -> DecodedImage:
   """Decodes any supported image to uint8 RGB, resized once to a square.
 
   Raises:
     UnreadableImageError: corrupt, truncated or non-image file.
   """
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open('rb') as f, Image.open(f) as image:
       image.load()  # Decode now, so truncation shows up here.
       return _normalize(image, image_size)
   except Image.UnidentifiedImageError as error:

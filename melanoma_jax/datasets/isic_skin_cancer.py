@@ -28,7 +28,8 @@ e.g. from Kaggle (dataset "nodoubttome/skin-cancer9-classesisic").
 Extract it and give its location as the manual_dir:
   tfds.download.DownloadConfig(manual_dir=...)  (default: <data_dir>/downloads/manual/)
 manual_dir may be the archive folder itself (the one holding Train/ and Test/)
-or the folder that contains it. Expected layout:
+or the folder that contains it, on local disk or a remote file system
+(gs://bucket/...). Expected layout:
 {image_folders.layout_diagram(ARCHIVE_NAME, ('Train', 'Test'), ISIC_CLASSES)}
 """
 

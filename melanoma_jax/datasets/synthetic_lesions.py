@@ -14,11 +14,13 @@ to `difficulty`, so classes overlap and an unbalanced classifier gives the
 ambiguous cases to the majority class.
 """
 
+from collections.abc import Iterator
 import dataclasses
 import functools
 import math
 
 import numpy as np
+import PIL.Image
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
@@ -27,15 +29,16 @@ from melanoma_jax.datasets import ISIC_TRAIN_COUNTS
 from melanoma_jax.datasets import lesion_features
 
 # The one knob for how hard the task is: the largest weight with which an image
-# takes on its look-alike class's profile. 0 keeps classes apart; at 0.5 the
-# hardest images are halfway between two classes.
-DEFAULT_DIFFICULTY = 0.5
+# takes on its look-alike class's profile (0 keeps the classes apart, 0.5 makes
+# the hardest images halfway between two classes). At 0.25 a small CNN at 64px
+# reaches about 0.85 balanced accuracy when trained on balanced data.
+DEFAULT_DIFFICULTY = 0.25
 
 # Smallest resolution images are rendered at; smaller images are rendered at a
 # multiple of their size and averaged down, so fine structures do not alias.
 _MIN_RENDER_SIZE = 64
 
-Rgb = tuple[float, float, float]
+_Rgb = tuple[float, float, float]
 
 _BLACK = (0.14, 0.10, 0.09)
 _DARK_BROWN = (0.33, 0.20, 0.14)
@@ -75,8 +78,8 @@ class _Profile:
   irregularity: float  # Amplitude of the high border harmonics.
   softness: float  # Border width, relative to the radius.
   opacity: float  # How fully the lesion covers the skin.
-  color: Rgb
-  center_color: Rgb
+  color: _Rgb
+  center_color: _Rgb
   center: float  # Strength of the central colour.
   mottle: float  # Amplitude of the body's texture.
   multicolor: float  # Expected share of 3 extra atypical colour patches.
@@ -193,7 +196,10 @@ def _interp_matrix(n: int, cells: int) -> np.ndarray:
 def _noise(rng: np.random.Generator, n: int, cells: int) -> np.ndarray:
   """Smooth noise with about `cells` features across; the draws ignore `n`."""
   a = _interp_matrix(n, cells)
-  return a @ rng.standard_normal((cells, cells), dtype=np.float32) @ a.T
+  # einsum rather than matmul: these products are too small to gain from BLAS
+  # threads, which cost many times the work itself on a busy machine.
+  rows = np.einsum('ik,kl->il', a, rng.standard_normal((cells, cells), dtype=np.float32))
+  return np.einsum('il,jl->ij', rows, a)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -282,25 +288,35 @@ def _skin(rng: np.random.Generator, n: int) -> np.ndarray:
   return img * (1 - furrows - pores * rng.uniform(0.03, 0.1) + grain)[..., None]
 
 
-def _render(rng: np.random.Generator, class_name: str, n: int, difficulty: float) -> np.ndarray:
-  """Renders one image as float32 RGB in [0, 1] at n x n pixels."""
-  p = _class_profile(rng, class_name, difficulty)
-  on = lambda prob: rng.random() < prob
+@dataclasses.dataclass(frozen=True)
+class _Lesion:
+  """Where the lesion lies: the maps and sizes its structures are drawn with."""
+  center: np.ndarray  # [2], in image coordinates.
+  radius: float
+  angle: float  # Orientation of the lesion's long axis.
+  u: np.ndarray  # [n, n] coordinates along the lesion's axes, made round.
+  v: np.ndarray
+  theta: np.ndarray  # [n, n] polar angle around the centre.
+  rho: np.ndarray  # [n, n] distance from the centre relative to the border.
+  mask: np.ndarray  # [n, n] soft lesion mask in [0, 1].
+
+
+def _chance(rng: np.random.Generator, prob) -> bool:
+  return rng.random() < prob
+
+
+def _lesion_shape(rng: np.random.Generator, p: _Profile, n: int) -> _Lesion:
+  """A rotated ellipse whose radius is modulated by random border harmonics."""
   grid = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
-  x, y = grid[None, :], grid[:, None]
-
-  img = _skin(rng, n)
-  skin_brightness = float(img.mean()) / 0.75
-
-  # Shape: a rotated ellipse whose radius is modulated by random harmonics.
   center = rng.normal(0, 0.08, 2).astype(np.float32)
   radius = float(p.size) * rng.uniform(0.7, 1.3)
   aspect = 1 + rng.uniform(0, p.elongation)
   angle = rng.uniform(0, 2 * np.pi)
-  dx, dy = x - center[0], y - center[1]
+  dx, dy = grid[None, :] - center[0], grid[:, None] - center[1]
   u = (dx * np.cos(angle) + dy * np.sin(angle)) / math.sqrt(aspect)
   v = (-dx * np.sin(angle) + dy * np.cos(angle)) * math.sqrt(aspect)
   theta = np.arctan2(v, u)
+  # Harmonics 1-2 make the lesion asymmetric, higher ones make its border irregular.
   k = np.arange(1, 13)
   amps = np.where(k <= 2, p.asymmetry, p.irregularity * 3 / k)
   amps = amps * rng.normal(0, 1, 12) * rng.uniform(0.3, 1.2)
@@ -310,120 +326,152 @@ def _render(rng: np.random.Generator, class_name: str, n: int, difficulty: float
   border = np.interp(theta, table_theta, np.maximum(table_r, 0.4)).astype(np.float32)
   rho = np.hypot(u, v) / (radius * border)
   softness = max(float(p.softness) * rng.uniform(0.5, 1.5), 2.0 / (radius * n))
-  mask = _sigmoid((1 - rho) / softness)
-  inner = np.clip(1 - rho, 0, 1)
+  return _Lesion(center=center, radius=radius, angle=angle, u=u, v=v, theta=theta, rho=rho,
+                 mask=_sigmoid((1 - rho) / softness))
 
-  if on(p.halo):
-    _blend(img, _PINK, _sigmoid((1.4 - rho) / 0.15) * (1 - mask) * rng.uniform(0.3, 0.7))
 
-  # Body: base colour, central colour, texture, atypical colour patches.
+def _paint_body(rng: np.random.Generator, img: np.ndarray, p: _Profile,
+                lesion: _Lesion) -> np.ndarray:
+  """Paints the lesion's colours over the skin; returns its base colour."""
+  n = len(img)
+  inner = np.clip(1 - lesion.rho, 0, 1)
+  if _chance(rng, p.halo):
+    halo = _sigmoid((1.4 - lesion.rho) / 0.15) * (1 - lesion.mask)
+    _blend(img, _PINK, halo * rng.uniform(0.3, 0.7))
+  skin_brightness = float(img.mean()) / 0.75
   color = np.asarray(p.color, np.float32) * rng.normal(1, 0.06, 3).astype(np.float32)
   color *= 0.8 + 0.2 * skin_brightness
   body = np.broadcast_to(color, (n, n, 3)).copy()
-  _blend(body, p.center_color, float(p.center) * rng.uniform(0.5, 1.5) * np.clip(inner / 0.6, 0, 1))
+  center_weight = float(p.center) * rng.uniform(0.5, 1.5)
+  _blend(body, p.center_color, center_weight * np.clip(inner / 0.6, 0, 1))
   body *= (1 + float(p.mottle) * (_noise(rng, n, 6) + 0.5 * _noise(rng, n, 14)))[..., None]
   for _ in range(rng.binomial(3, p.multicolor)):
     patch = _sigmoid((_noise(rng, n, 4) - rng.uniform(0, 1)) / 0.3)
-    _blend(body, _ATYPICAL_PALETTE[rng.integers(len(_ATYPICAL_PALETTE))], patch * rng.uniform(0.5, 0.9))
-  _blend(img, body, mask * float(p.opacity) * rng.uniform(0.85, 1.0))
+    patch_color = _ATYPICAL_PALETTE[rng.integers(len(_ATYPICAL_PALETTE))]
+    _blend(body, patch_color, patch * rng.uniform(0.5, 0.9))
+  _blend(img, body, lesion.mask * float(p.opacity) * rng.uniform(0.85, 1.0))
+  return color
+
+
+def _paint_structures(rng: np.random.Generator, img: np.ndarray, p: _Profile,
+                      lesion: _Lesion, color: np.ndarray) -> None:
+  """Paints the dermoscopic structures each drawn with its profile probability."""
+  n = len(img)
+  u, v, rho, mask = lesion.u, lesion.v, lesion.rho, lesion.mask
+  center, radius = lesion.center, lesion.radius
+  inner = np.clip(1 - rho, 0, 1)
   dark = color * 0.5
   scale = radius / 0.5  # Structures grow with the lesion.
 
-  if on(p.fingerprint):
-    phase = (u * np.cos(angle) + v * np.sin(angle)) / (0.07 * scale) + 1.5 * _noise(rng, n, 4)
+  if _chance(rng, p.fingerprint):
+    along = u * np.cos(lesion.angle) + v * np.sin(lesion.angle)
+    phase = along / (0.07 * scale) + 1.5 * _noise(rng, n, 4)
     _blend(img, dark, _lines(phase, 0.45) * mask * rng.uniform(0.3, 0.55))
-  if on(p.ridges):
+  if _chance(rng, p.ridges):
     phase = 2.0 * _noise(rng, n, 7) + 0.8 * _noise(rng, n, 14)
     _blend(img, dark * 0.7, _lines(phase, 0.4) * mask * rng.uniform(0.35, 0.7))
-  if on(p.network):
+  if _chance(rng, p.network):
     atypia = float(p.network_atypia)
     period = 0.11 * scale * rng.uniform(0.8, 1.25)
     warp = 0.035 + 0.05 * atypia
-    warped_u = (u + warp * _noise(rng, n, 9)) * (2 * np.pi / period)
-    warped_v = (v + warp * _noise(rng, n, 9)) * (2 * np.pi / period)
+    wu = (u + warp * _noise(rng, n, 9)) * (2 * np.pi / period)
+    wv = (v + warp * _noise(rng, n, 9)) * (2 * np.pi / period)
     # Three plane waves at 120 degrees make a honeycomb; its troughs are the lines.
-    cells = (np.cos(warped_u) + np.cos(-0.5 * warped_u + 0.866 * warped_v)
-             + np.cos(-0.5 * warped_u - 0.866 * warped_v))
+    cells = np.cos(wu) + np.cos(-0.5 * wu + 0.866 * wv) + np.cos(-0.5 * wu - 0.866 * wv)
     width = float(p.network_width) * (1 + atypia * 0.6 * _noise(rng, n, 5))
     net = _sigmoid((3 * width - 1.5 - cells) / 0.3)
     patchy = _sigmoid((_noise(rng, n, 3) + 1.5 - 2.5 * atypia) / 0.4)
-    fade = np.clip(rho / 0.5, 0, 1) if on(p.central_scar) else 1.0
+    fade = np.clip(rho / 0.5, 0, 1) if _chance(rng, p.central_scar) else 1.0
     _blend(img, dark, net * mask * patchy * fade * rng.uniform(0.35, 0.65))
-  if on(p.lacunae):
+  if _chance(rng, p.lacunae):
     lobes = _noise(rng, n, 8)
     _blend(img, _LACUNA_PURPLE, _sigmoid(lobes * 2.5) * mask * rng.uniform(0.4, 0.8))
     septa = _lines(1.6 * lobes + 0.5 * _noise(rng, n, 12), 0.25)
     _blend(img, (0.85, 0.62, 0.64), septa * mask * rng.uniform(0.3, 0.6))
-  if on(p.nests):
+  if _chance(rng, p.nests):
     pts = _points_in_disk(rng, rng.integers(2, 7), center, radius * 0.75)
     _blend(img, _BLUE_GREY, _blobs(n, pts, 0.07 * scale) * mask * rng.uniform(0.6, 0.9))
-  if on(p.veil):
+  if _chance(rng, p.veil):
     region = _sigmoid((_noise(rng, n, 4) - rng.uniform(-0.5, 0.8)) / 0.25)
     _blend(img, _VEIL, region * mask * rng.uniform(0.45, 0.75))
-  if on(p.regression):
+  if _chance(rng, p.regression):
     region = _sigmoid((_noise(rng, n, 5) - rng.uniform(0, 1)) / 0.2) * mask
     _blend(img, _SCAR_WHITE, region * rng.uniform(0.5, 0.85))
     pepper = _blobs(n, _points_in_disk(rng, 60, center, radius), 0.008)
     _blend(img, _BLUE_GREY, pepper * region * 0.8)
-  if on(p.central_scar):
-    blob = np.exp(-(np.hypot(u, v) / (radius * 0.35 * rng.uniform(0.7, 1.3))) ** 2
-                  * (1 + 0.4 * _noise(rng, n, 6)))
+  if _chance(rng, p.central_scar):
+    spread = radius * 0.35 * rng.uniform(0.7, 1.3)
+    blob = np.exp(-(np.hypot(u, v) / spread) ** 2 * (1 + 0.4 * _noise(rng, n, 6)))
     _blend(img, _SCAR_WHITE, blob * mask * rng.uniform(0.6, 0.95))
-  if on(p.keratin):
+  if _chance(rng, p.keratin):
     region = _sigmoid((_noise(rng, n, 5) + 1.2 * inner - rng.uniform(0.3, 1.0)) / 0.2) * mask
-    texture = 1 + 0.12 * _noise(rng, n, 20)
-    _blend(img, np.asarray(_KERATIN, np.float32) * texture[..., None], region * rng.uniform(0.6, 0.95))
-  if on(p.crust):
+    texture = np.asarray(_KERATIN, np.float32) * (1 + 0.12 * _noise(rng, n, 20))[..., None]
+    _blend(img, texture, region * rng.uniform(0.6, 0.95))
+  if _chance(rng, p.crust):
     region = _sigmoid((_noise(rng, n, 6) + inner - rng.uniform(0.6, 1.3)) / 0.15) * mask
-    texture = 1 + 0.3 * _noise(rng, n, 24)
-    _blend(img, np.asarray(_CRUST, np.float32) * texture[..., None], region * rng.uniform(0.6, 0.95))
-  if on(p.dots):
-    pts = _points_in_disk(rng, rng.integers(8, 40), center, radius * 0.95, float(p.dots_peripheral))
+    texture = np.asarray(_CRUST, np.float32) * (1 + 0.3 * _noise(rng, n, 24))[..., None]
+    _blend(img, texture, region * rng.uniform(0.6, 0.95))
+  if _chance(rng, p.dots):
+    pts = _points_in_disk(rng, rng.integers(8, 40), center, radius * 0.95,
+                          float(p.dots_peripheral))
     sizes = rng.choice([0.012, 0.025], 2) * scale
     half = len(pts) // 2
     dots = np.maximum(_blobs(n, pts[:half], sizes[0]), _blobs(n, pts[half:], sizes[1]))
-    _blend(img, _BLACK if on(0.5) else _DARK_BROWN, dots * mask * rng.uniform(0.6, 0.95))
-  if on(p.comedos):
-    pts = _points_in_disk(rng, rng.integers(3, 15), center, radius * 0.8)
-    _blend(img, _BLACK, _blobs(n, pts, 0.03 * scale) * mask * rng.uniform(0.6, 0.9))
-  if on(p.milia):
-    pts = _points_in_disk(rng, rng.integers(3, 15), center, radius * 0.8)
-    _blend(img, (0.96, 0.94, 0.86), _blobs(n, pts, 0.025 * scale) * mask * rng.uniform(0.7, 0.95))
-  if on(p.follicles):
-    pts = _points_in_disk(rng, rng.integers(10, 30), center, radius * 0.9)
-    _blend(img, (0.97, 0.92, 0.86), _blobs(n, pts, 0.022 * scale) * mask * rng.uniform(0.5, 0.85))
-  if on(p.dotted_vessels):
-    pts = _points_in_disk(rng, rng.integers(10, 40), center, radius * 0.9)
-    _blend(img, _VESSEL_RED, _blobs(n, pts, 0.014 * scale) * mask * rng.uniform(0.6, 0.95))
-  if on(p.arborizing):
+    dot_color = _BLACK if _chance(rng, 0.5) else _DARK_BROWN
+    _blend(img, dot_color, dots * mask * rng.uniform(0.6, 0.95))
+  for prob, blob_color, count, size, alpha in (
+      (p.comedos, _BLACK, (3, 15), 0.03, (0.6, 0.9)),
+      (p.milia, (0.96, 0.94, 0.86), (3, 15), 0.025, (0.7, 0.95)),
+      (p.follicles, (0.97, 0.92, 0.86), (10, 30), 0.022, (0.5, 0.85)),
+      (p.dotted_vessels, _VESSEL_RED, (10, 40), 0.014, (0.6, 0.95))):
+    if _chance(rng, prob):
+      pts = _points_in_disk(rng, rng.integers(*count), center, radius * 0.85)
+      _blend(img, blob_color, _blobs(n, pts, size * scale) * mask * rng.uniform(*alpha))
+  if _chance(rng, p.arborizing):
     curves = []
     for _ in range(rng.integers(2, 5)):
-      trunk = _curve(rng, _points_in_disk(rng, 1, center, radius * 0.6)[0],
-                     rng.uniform(0, 2 * np.pi), radius * rng.uniform(0.6, 1.2), 0.4)
+      start = _points_in_disk(rng, 1, center, radius * 0.6)[0]
+      trunk = _curve(rng, start, rng.uniform(0, 2 * np.pi), radius * rng.uniform(0.6, 1.2), 0.4)
       curves.append(trunk)
-      for start in trunk[rng.integers(3, 20, rng.integers(2, 5))]:
-        curves.append(_curve(rng, start, rng.uniform(0, 2 * np.pi), radius * rng.uniform(0.2, 0.5), 0.6))
+      for fork in trunk[rng.integers(3, 20, rng.integers(2, 5))]:
+        length = radius * rng.uniform(0.2, 0.5)
+        curves.append(_curve(rng, fork, rng.uniform(0, 2 * np.pi), length, 0.6))
     _blend(img, _VESSEL_RED, _strokes(n, curves, 0.008) * mask * rng.uniform(0.7, 0.95))
-  if on(p.streaks):
+  if _chance(rng, p.streaks):
     count = rng.integers(12, 30)
-    rays = _lines(theta * count / (2 * np.pi) + 0.3 * _noise(rng, n, 6), 0.3)
+    rays = _lines(lesion.theta * count / (2 * np.pi) + 0.3 * _noise(rng, n, 6), 0.3)
     rim = _sigmoid((rho - 0.75) / 0.06) * _sigmoid((1.2 - rho) / 0.06)
-    sector = _sigmoid((np.cos(theta - rng.uniform(-np.pi, np.pi)) - rng.uniform(-0.8, 0.4)) / 0.15)
+    facing = np.cos(lesion.theta - rng.uniform(-np.pi, np.pi))
+    sector = _sigmoid((facing - rng.uniform(-0.8, 0.4)) / 0.15)
     _blend(img, _DARK_BROWN, rays * rim * sector * rng.uniform(0.5, 0.85))
 
-  # Nuisances shared by all classes: hair, the dermoscope's field, white balance.
-  if on(0.3):
+
+def _add_nuisances(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+  """Hair, the dermoscope's light fall-off and field, white balance and noise."""
+  n = len(img)
+  if _chance(rng, 0.3):
     curves = [_curve(rng, rng.uniform(-1.5, 1.5, 2), rng.uniform(0, 2 * np.pi), 3.0, 0.15)
               for _ in range(rng.integers(1, 6))]
     _blend(img, _HAIR, _strokes(n, curves, 0.007) * rng.uniform(0.5, 0.9))
-  r2 = x * x + y * y
+  grid = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
+  r2 = grid[None, :] ** 2 + grid[:, None] ** 2
   img *= (1 - rng.uniform(0, 0.15) * r2)[..., None]
-  if on(0.3):
+  if _chance(rng, 0.3):
     field = _sigmoid((rng.uniform(1.0, 1.35) - np.sqrt(r2)) / 0.03)
     _blend(img, (0.04, 0.03, 0.03), 1 - field)
   img *= rng.normal(1, 0.04, 3).astype(np.float32)
   img = np.clip(img, 0, 1) ** rng.uniform(0.9, 1.1)
   return img + rng.normal(0, 0.012, img.shape).astype(np.float32)
+
+
+def _render(rng: np.random.Generator, class_name: str, n: int, difficulty: float) -> np.ndarray:
+  """Renders one image as float32 RGB in [0, 1] at n x n pixels."""
+  p = _class_profile(rng, class_name, difficulty)
+  img = _skin(rng, n)
+  lesion = _lesion_shape(rng, p, n)
+  color = _paint_body(rng, img, p, lesion)
+  _paint_structures(rng, img, p, lesion, color)
+  return _add_nuisances(rng, img)
 
 
 def render_lesion(rng: np.random.Generator, class_name: str, image_size: int,
@@ -462,7 +510,8 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
       SyntheticLesionsConfig(
-          name='full', description='ISIC train counts (2239 images), 40 test images a class, 128px.'),
+          name='full',
+          description='ISIC train counts (2239 images), 40 test images a class, 128px.'),
       SyntheticLesionsConfig(
           name='tiny', image_size=32, train_scale=0.1, test_per_class=4,
           description='ISIC train counts / 10 (still imbalanced), 4 test images a class, 32px.'),
@@ -482,6 +531,7 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
     config = self.builder_config
+    # The epsilon keeps float error from rounding an exact product up.
     train_counts = {c: math.ceil(ISIC_TRAIN_COUNTS[c] * config.train_scale - 1e-9)
                     for c in ISIC_CLASSES}
     return {
@@ -489,7 +539,8 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
         'test': self._generate_examples('test', {c: config.test_per_class for c in ISIC_CLASSES}),
     }
 
-  def _generate_examples(self, split: str, counts: dict[str, int]):
+  def _generate_examples(self, split: str, counts: dict[str, int]) -> Iterator[tuple[str, dict]]:
+    """Yields each image from its own seed, so no image depends on another."""
     config = self.builder_config
     split_id = ('train', 'test').index(split)
     for label, class_name in enumerate(ISIC_CLASSES):
@@ -497,7 +548,9 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
         rng = np.random.default_rng([config.seed, split_id, label, index])
         file_name = f'synthetic/{split}/{class_name}/{index:06d}.png'
         yield file_name, {
-            'image': render_lesion(rng, class_name, config.image_size, config.difficulty),
+            # A PIL image is PNG-encoded by PIL, much faster than TFDS's TF graph.
+            'image': PIL.Image.fromarray(
+                render_lesion(rng, class_name, config.image_size, config.difficulty)),
             'label': class_name,
             'file_name': file_name,
             'group_id': file_name,
