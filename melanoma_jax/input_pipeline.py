@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from melanoma_jax import datasets
 from melanoma_jax.datasets import image_folders
@@ -80,6 +81,11 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
     image = tf.image.resize(example['image'], (image_size, image_size), antialias=True)
     return {**example, 'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
 
+  if split not in builder.info.splits:
+    raise DataError(
+        f'{builder.info.full_name} in {builder.data_dir} has no {split!r} split (it has '
+        f'{sorted(builder.info.splits)}): training needs train and test splits, i.e. Train/ and '
+        'Test/ folders. Add the missing folder, delete the prepared dataset directory, and rerun.')
   ds = builder.as_dataset(split=split, shuffle_files=False)
   ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
   parts = list(tfds.as_numpy(ds))
@@ -132,6 +138,12 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
   if config.groups_csv:
     groups = image_folders.read_groups_csv(config.groups_csv)
+    matched = sum(image_folders.group_key(name) in groups for name in train_full.file_names)
+    if not matched:
+      raise DataError(f'No training image is named in {config.groups_csv} (config.groups_csv); '
+                      f'its image column must hold file names such as {train_full.file_names[0]!r}.')
+    logging.info('Groups CSV: %d of %d training images matched; the rest are their own group.',
+                 matched, len(train_full))
     train_full = dataclasses.replace(train_full, group_ids=np.array(
         [image_folders.group_id(name, groups) for name in train_full.file_names]))
   train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,

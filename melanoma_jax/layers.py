@@ -38,15 +38,28 @@ def _padded_conv(lhs, rhs, precision):
 def _im2col_conv(lhs, rhs, precision):
   """One matmul over all kernel taps at once: patches [.., kh*kw*C] @ [kh*kw*C, F]."""
   kh, kw, c, f = rhs.shape
-  return jnp.einsum('nhwk,kf->nhwf', _patches(lhs, kh, kw), rhs.reshape(kh * kw * c, f),
+  h, w = lhs.shape[1] - kh + 1, lhs.shape[2] - kw + 1
+  patches = jnp.concatenate(
+      [lhs[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.einsum('nhwk,kf->nhwf', patches, rhs.reshape(kh * kw * c, f),
                     precision=precision)
 
 
-def _patches(lhs, kh, kw):
-  """[N, H', W', kh*kw*C]: every VALID window of `lhs`, flattened (kh, kw, C)."""
-  h, w = lhs.shape[1] - kh + 1, lhs.shape[2] - kw + 1
-  return jnp.concatenate(
-      [lhs[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
+def _weight_grad(lhs, g, kh, kw):
+  """The kernel gradient of a VALID convolution as kh matmuls.
+
+  XLA:CPU computes it as a convolution whose window is the whole output
+  gradient, after transposing both operands: the slowest part of the step.
+  Here the width taps are concatenated into channels once ([.., kw*C], a
+  cheap copy) and each kernel row is g^T @ (a height-shifted slice of that).
+  """
+  f = g.shape[-1]
+  h, w = g.shape[1:3]
+  c = lhs.shape[-1]
+  cols = jnp.concatenate([lhs[:, :, j:j + w] for j in range(kw)], axis=-1)
+  g = g.reshape(-1, f).T
+  rows = jnp.stack([g @ cols[:, i:i + h].reshape(-1, kw * c) for i in range(kh)])
+  return rows.reshape(kh, f, kw, c).transpose(0, 2, 3, 1)
 
 
 @jax.custom_vjp
@@ -59,17 +72,10 @@ def _mixed_fwd(lhs, rhs):
 
 
 def _mixed_bwd(residuals, g):
-  """Input gradient by XLA (a padded convolution, fast); weight gradient as one matmul.
-
-  XLA:CPU computes the weight gradient as a convolution with the whole
-  output gradient as its window, after transposing both operands: the
-  slowest part of the step. As patches^T @ g it is a plain matmul.
-  """
+  """XLA's input gradient (a padded convolution, already fast) and `_weight_grad`."""
   lhs, rhs = residuals
   _, input_vjp = jax.vjp(lambda x: _native_conv(x, rhs, None), lhs)
-  kh, kw, c, f = rhs.shape
-  drhs = jnp.einsum('nhwk,nhwf->kf', _patches(lhs, kh, kw), g).reshape(kh, kw, c, f)
-  return input_vjp(g)[0], drhs
+  return input_vjp(g)[0], _weight_grad(lhs, g, *rhs.shape[:2])
 
 
 _mixed_conv.defvjp(_mixed_fwd, _mixed_bwd)

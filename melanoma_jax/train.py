@@ -197,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
       row.update(metrics_lib.summarize(total, 'train'))
       row.update(evaluate(p_eval, state, data.val, config.batch_size, 'val'))
+      row.update(_clinical_summary(state, data, config.batch_size))
       epoch_seconds = time.perf_counter() - epoch_start
       row.update(epoch_seconds=epoch_seconds,
                  images_per_sec=(epoch_steps - offset) * config.batch_size / epoch_seconds)
@@ -227,6 +228,14 @@ def params_digest(params: Any) -> str:
   for leaf in jax.tree.leaves(jax.device_get(params)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
   return digest.hexdigest()[:16]
+
+
+def _clinical_summary(state: steps.TrainState, data: input_pipeline.Data, batch_size: int) -> dict[str, Any]:
+  """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
+  val = evaluation.report(*evaluation.gather_predictions(state, data.val, batch_size), data.class_names)
+  return {'val_macro_f1': val['macro_f1'], 'val_macro_roc_auc': val['macro_roc_auc'],
+          'val_expected_calibration_error': val['expected_calibration_error'],
+          'val_melanoma_roc_auc': (val['melanoma'] or {}).get('roc_auc')}
 
 
 def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],
