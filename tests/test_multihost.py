@@ -72,8 +72,9 @@ def _assert_close(workdir, reference, step):
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), _params(workdir, step),
                        _params(reference, step))
   # Gloo across processes sums in another order than one process: float round-off
-  # only (measured: 3e-8 after 2 steps, 7e-7 after 4; one epoch moves them ~1e-3).
-  assert max(jax.tree.leaves(diffs)) < 1e-5
+  # only (measured 3e-8 to 2e-5). One epoch moves the parameters by ~1e-3, so a real
+  # fault (other data, summed instead of averaged gradients) shows as >= 1e-3.
+  assert max(jax.tree.leaves(diffs)) < 1e-4
 
 
 def test_two_hosts_train_like_one_host_with_the_same_devices(tiny_config, tmp_path, single_process_run):
