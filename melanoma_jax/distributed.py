@@ -7,6 +7,7 @@ itself; elsewhere they are given explicitly.
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None,
@@ -23,3 +24,17 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
                              num_processes=num_processes, process_id=process_id)
   logging.info('Process %d of %d; %d local of %d devices.', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def wait_for_all_processes(name: str, timeout_minutes: int = 30) -> None:
+  """Lines the processes up, then makes one collective.
+
+  Gloo builds its communication context at the first collective and gives
+  up when a peer is 30 s late, as a slower host still loading data or
+  compiling can be; a barrier of the coordination service waits longer.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_minutes * 60_000)
+  multihost_utils.sync_global_devices(name)

@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from melanoma_jax import (checkpointing, evaluation, input_pipeline, metrics as metrics_lib, models,
+from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, metrics as metrics_lib, models,
                           optim, preemption, reporting, steps)
 from melanoma_jax.errors import ConfigError
 
@@ -166,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     in_axes=(None, 0), out_axes=None)
   writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
 
+  distributed.wait_for_all_processes('melanoma_jax_training_starts')
   with preemption.PreemptionWatch(manager) as preempted:
     for epoch in range(int(state.step) // epoch_steps + 1, config.num_epochs + 1):
       epoch_start = time.perf_counter()
