@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from melanoma_jax import runtime
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
                                 lock_config=True)
@@ -55,4 +57,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  runtime.configure(reexec=True)
   app.run(main)

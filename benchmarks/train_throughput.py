@@ -16,7 +16,6 @@ Memory is process-wide and only grows, so contenders are set up in order.
 """
 
 import argparse
-import ctypes
 import os
 import resource
 import statistics
@@ -28,24 +27,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-
-def retain_freed_memory() -> None:
-  """Keeps freed heap memory in the process instead of returning it to the OS.
-
-  glibc hands every block over 32 MiB back to the kernel on free, so each
-  XLA:CPU step faults its GBs of temporaries in afresh (measured on a 2-core
-  VM: 1.4M page faults, ~3 s of system time per 180x180 step). One arena
-  without mmap or trimming reuses them, but it slows TensorFlow's
-  multithreaded allocations (Keras: ~36 -> ~19 images/s) and raises peak
-  memory, so it is opt-in. Must run before the libraries start threads.
-  """
-  libc = ctypes.CDLL('libc.so.6')
-  m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-  int_max = 2**31 - 1
-  for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, int_max),
-                        (m_top_pad, int_max)):
-    if not libc.mallopt(option, value):
-      raise OSError(f'mallopt({option}, {value}) failed')
+from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _parse_args() -> argparse.Namespace:
@@ -58,8 +40,8 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument('--conv_impl', default='auto', help="SeedCNN.conv_impl, e.g. 'native'")
   parser.add_argument('--loop_epochs', type=int, default=3, help='0 skips the loop')
   parser.add_argument('--no_keras', action='store_true')
-  parser.add_argument('--retain_memory', action='store_true',
-                      help='keep freed memory in the process (helps XLA:CPU, slows Keras)')
+  parser.add_argument('--untuned', action='store_true',
+                      help='skip melanoma_jax.runtime (XLA:CPU flags, huge pages), as launch.py applies it')
   return parser.parse_args()
 
 
@@ -137,8 +119,8 @@ def _run_loop(args) -> dict[str, float]:
 
 def main() -> None:
   args = _parse_args()
-  if args.retain_memory:
-    retain_freed_memory()
+  if not args.untuned:
+    runtime.configure(reexec=True)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -150,7 +132,9 @@ def main() -> None:
   labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPUs; {args.image_size}x{args.image_size}, batch {args.batch_size}, '
-        f'conv_impl={args.conv_impl} ({layers.resolve(args.conv_impl)})', flush=True)
+        f'conv_impl={args.conv_impl} ({layers.resolve(args.conv_impl)}); '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
+        flush=True)
 
   builders = {'step': _jax_step}
   if not args.no_keras:

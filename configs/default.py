@@ -50,6 +50,13 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # None: derived from steps per epoch so evaluation statistics track the
   # weights (see train.derive_bn_momentum); Keras' default would be 0.99.
   config.model.bn_momentum = config_dict.placeholder(float)
+  # How convolutions and poolings are lowered: 'auto' picks the fastest for
+  # the platform; 'native', 'padded' and 'mixed' compute the same function
+  # with the same parameters, so checkpoints move between them.
+  config.model.conv_impl = 'auto'
+  # Compute dtype. 'bfloat16' is mixed precision for GPU and TPU: parameters,
+  # optimizer state and the loss stay float32. Slow on most CPUs.
+  config.model.dtype = 'float32'
 
   # Optimisation. batch_size is global: split evenly over all devices.
   config.batch_size = 32

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 from etils import epath
 
-from melanoma_jax import cli, evaluation, input_pipeline
+from melanoma_jax import cli, evaluation, input_pipeline, runtime
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target_sensitivity.
 
@@ -47,4 +47,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  runtime.configure()
   main()

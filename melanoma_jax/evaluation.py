@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from melanoma_jax import datasets, input_pipeline, plots, steps
+from melanoma_jax import datasets, input_pipeline, metrics as metrics_lib, plots, steps
 
 NUM_CALIBRATION_BINS = 15
 CALIBRATION_BINNING = (
@@ -37,21 +37,41 @@ REPORT_MD = 'report.md'
 OPERATING_POINT_FILE = 'operating_point.json'
 SPLIT_TITLES = {'train': 'train', 'val': 'validation', 'test': 'Test'}
 
-_p_predict = jax.pmap(steps.predict, in_axes=(None, 0))
+_p_predict_with_loss = jax.pmap(steps.predict_with_loss, in_axes=(None, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+  """A split's class probabilities [N, C], labels [N] and per-example losses [N], in its order."""
+  probs: np.ndarray
+  labels: np.ndarray
+  losses: np.ndarray
+
+  def summary(self, prefix: str) -> dict[str, Any]:
+    """Loss, accuracy, balanced accuracy, recall per class and confusion, as the training history keys them."""
+    count = len(self.labels)
+    predicted = np.argmax(self.probs, axis=-1)
+    return metrics_lib.summarize({
+        'loss': (np.sum(self.losses, dtype=np.float64), count),
+        'accuracy': (np.sum(predicted == self.labels), count),
+        'confusion': (confusion_matrix(self.labels, predicted, self.probs.shape[-1]), count),
+    }, prefix)
 
 
 def gather_predictions(state: steps.TrainState, examples: input_pipeline.Examples,
-                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Class probabilities [N, C] and labels [N] of a split, in its order, on every host.
+                       batch_size: int) -> Predictions:
+  """A split's predictions, in its order, on every host.
 
   `batch_size` is global, as for `input_pipeline.eval_batches`. Host p holds
   examples p, p + hosts, ... (`input_pipeline.host_shard`): the shares are
   gathered and interleaved back, padding dropped.
   """
-  local = {'probs': [], 'label': [], 'mask': []}
+  local = {'probs': [], 'losses': [], 'labels': [], 'mask': []}
   for batch in input_pipeline.eval_batches(examples, batch_size):
-    local['probs'].append(_p_predict(state, batch['image']))
-    local['label'].append(batch['label'])
+    probs, losses = _p_predict_with_loss(state, batch)
+    local['probs'].append(probs)
+    local['losses'].append(losses)
+    local['labels'].append(batch['label'])
     local['mask'].append(batch['mask'])
   local = {k: np.concatenate([np.asarray(v).reshape(-1, *v.shape[2:]) for v in parts])
            for k, parts in local.items()}
@@ -59,7 +79,8 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
   gathered = multihost_utils.process_allgather(local)
   ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
   keep = ordered['mask'].astype(bool)
-  return ordered['probs'][keep], ordered['label'][keep].astype(np.int32)
+  return Predictions(ordered['probs'][keep], ordered['labels'][keep].astype(np.int32),
+                     ordered['losses'][keep])
 
 
 def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
@@ -247,8 +268,7 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
 class Evaluation:
   """A checkpoint's full report and the predictions on the evaluated split (for plots)."""
   report: dict[str, Any]
-  probs: np.ndarray
-  labels: np.ndarray
+  predictions: Predictions
 
 
 def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, split: str,
@@ -264,8 +284,8 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
                  for name in dict.fromkeys(('val', split))}
   m = melanoma_index(data.class_names)
   operating_point = None
-  if m is not None and np.any(predictions['val'][1] == m):
-    probs, labels = predictions['val']
+  if m is not None and np.any(predictions['val'].labels == m):
+    probs, labels = predictions['val'].probs, predictions['val'].labels
     operating_point = {
         'class_name': datasets.MELANOMA, 'class_index': m,
         'threshold': choose_threshold(probs[:, m], labels == m, target_sensitivity),
@@ -280,10 +300,10 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
       'class_names': list(data.class_names),
       'operating_point': operating_point,
       'calibration_binning': CALIBRATION_BINNING,
-      'splits': {name: report(probs, labels, data.class_names, threshold)
-                 for name, (probs, labels) in predictions.items()},
+      'splits': {name: report(p.probs, p.labels, data.class_names, threshold)
+                 for name, p in predictions.items()},
   }
-  return Evaluation(full, *predictions[split])
+  return Evaluation(full, predictions[split])
 
 
 # (title, report key) of the tables.
@@ -367,7 +387,7 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   (directory / REPORT_JSON).write_text(json.dumps(full, indent=2, allow_nan=False))
   (directory / REPORT_MD).write_text(to_markdown(full))
   evaluated = full['splits'][full['split']]
-  probs, labels = evaluation.probs, evaluation.labels
+  probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
   plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
                            full['class_names'])
   curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], evaluated['per_class'][name]['roc_auc'])

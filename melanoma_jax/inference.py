@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, steps
+from melanoma_jax import cli, evaluation, runtime, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -157,4 +157,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  runtime.configure()
   main()

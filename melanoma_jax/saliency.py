@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
 
-from melanoma_jax import cli, plots, steps
+from melanoma_jax import cli, plots, runtime, steps
 from melanoma_jax.datasets import image_folders
 
 # SeedCNN: bn4 takes relu(conv4), the rectified maps of the last convolution,
@@ -103,4 +103,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+  runtime.configure()
   main()

@@ -136,19 +136,30 @@ def train_step(state: TrainState, batch: Batch,
   return new_state, metrics
 
 
+def _eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
+  return state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                           train=False)
+
+
 def predict(state: TrainState, images: jax.Array) -> jax.Array:
   """Class probabilities [batch, classes] in evaluation mode."""
-  logits = state.model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
-  return head_probabilities(logits)
+  return head_probabilities(_eval_logits(state, images))
+
+
+def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(class probabilities, per-example loss) in evaluation mode: one pass for every metric.
+
+  The loss comes from the logits, so it stays finite where a probability
+  underflows to 0.
+  """
+  logits = _eval_logits(state, batch['image'])
+  return head_probabilities(logits), head_loss(logits, batch['label'])
 
 
 def eval_step(state: TrainState, batch: Batch,
               axis_name: str | None = None) -> Metrics:
   """Metrics of one evaluation batch; `batch['mask']` zeroes padding."""
-  logits = state.model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      batch['image'], train=False)
+  logits = _eval_logits(state, batch['image'])
   predicted = jnp.argmax(head_probabilities(logits), axis=-1)
   return _metrics(head_loss(logits, batch['label']), predicted, batch['label'], batch['mask'].astype(jnp.float32),
                   max(state.num_outputs, 2), axis_name)

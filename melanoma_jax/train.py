@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -18,11 +19,12 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, metrics as metrics_lib, models,
-                          optim, preemption, reporting, steps)
+from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, layers,
+                          metrics as metrics_lib, models, optim, preemption, reporting, steps)
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def derive_bn_momentum(steps_per_epoch: int) -> float:
@@ -57,6 +59,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'{devices} devices, so each gets an equal share.')
   if config.model.name != 'seed_cnn':
     raise ConfigError(f"config.model.name={config.model.name!r}; available: 'seed_cnn'.")
+  if config.model.conv_impl != 'auto' and config.model.conv_impl not in layers.LOWERINGS:
+    raise ConfigError(f'config.model.conv_impl={config.model.conv_impl!r}; choose auto or one of '
+                      f'{sorted(layers.LOWERINGS)}.')
+  if config.model.dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f'config.model.dtype={config.model.dtype!r}; choose one of {COMPUTE_DTYPES} '
+                      '(parameters always stay float32).')
   if config.image_size < 30:
     raise ConfigError(f'config.image_size={config.image_size} is too small for seed_cnn '
                       '(four valid 3x3 convolutions and three 2x2 poolings need >= 30).')
@@ -72,7 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def build_state(config: ml_collections.ConfigDict, outputs: int, bn_momentum: float) -> steps.TrainState:
   """A freshly initialised train state for `config`'s model and optimizer."""
   model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
-                         bn_momentum=bn_momentum)
+                         bn_momentum=bn_momentum, dtype=jnp.dtype(config.model.get('dtype', 'float32')),
+                         conv_impl=config.model.get('conv_impl', 'auto'))
   return steps.create_train_state(jax.random.key(config.seed), model, optim.make_optimizer(config),
                                   (config.image_size, config.image_size, 3))
 
@@ -92,14 +101,6 @@ def restore_for_inference(workdir: str, step: int | None = None
   state, meta = checkpointing.restore(manager, step, template)
   manager.close()
   return state, config, meta
-
-
-def evaluate(p_eval, state: steps.TrainState, examples: input_pipeline.Examples,
-             batch_size: int, prefix: str) -> dict[str, Any]:
-  total = None
-  for batch in input_pipeline.eval_batches(examples, batch_size):
-    total = metrics_lib.accumulate(total, p_eval(state, batch))
-  return metrics_lib.summarize(total, prefix)
 
 
 def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -162,8 +163,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(steps.eval_step, axis_name=AXIS), axis_name=AXIS,
-                    in_axes=(None, 0), out_axes=None)
   writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
 
   distributed.wait_for_all_processes('melanoma_jax_training_starts')
@@ -177,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for i, batch in enumerate(batches, offset + 1):
         state, step_metrics = p_train(state, batch)
         total = metrics_lib.accumulate(total, step_metrics)
-        step = int(state.step)
+        step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
         if i % config.log_every_steps == 0 or i == epoch_steps:
           _check_finite(total, step, step - (i - window_step), manager, workdir,
                         config.skip_nonfinite_steps)
@@ -197,11 +196,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
       row.update(metrics_lib.summarize(total, 'train'))
-      row.update(evaluate(p_eval, state, data.val, config.batch_size, 'val'))
-      row.update(_clinical_summary(state, data, config.batch_size))
+      train_seconds = time.perf_counter() - epoch_start
+      val = evaluation.gather_predictions(state, data.val, config.batch_size)
+      row.update(val.summary('val'))
+      row.update(_clinical_summary(val, data.class_names))
       epoch_seconds = time.perf_counter() - epoch_start
-      row.update(epoch_seconds=epoch_seconds,
-                 images_per_sec=(epoch_steps - offset) * config.batch_size / epoch_seconds)
+      # Training throughput; validation time is the difference of the two.
+      row.update(epoch_seconds=epoch_seconds, train_seconds=train_seconds,
+                 images_per_sec=(epoch_steps - offset) * config.batch_size / train_seconds)
       if config.plateau.enabled:
         state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
       checkpointing.save(manager, state, checkpoint_meta(epoch=epoch, val_loss=row['val_loss']))
@@ -218,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return None
 
   logging.info('Final parameters sha256 %s (process %d)', params_digest(state.params), jax.process_index())
-  result = _final_evaluation(manager, state, history, data, p_eval, config, workdir)
+  result = _final_evaluation(manager, state, history, data, config, workdir)
   manager.close()
   return result
 
@@ -231,25 +233,25 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def _clinical_summary(state: steps.TrainState, data: input_pipeline.Data, batch_size: int) -> dict[str, Any]:
+def _clinical_summary(val: evaluation.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
   """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
-  val = evaluation.report(*evaluation.gather_predictions(state, data.val, batch_size), data.class_names)
+  val = evaluation.report(val.probs, val.labels, class_names)
   return {'val_macro_f1': val['macro_f1'], 'val_macro_roc_auc': val['macro_roc_auc'],
           'val_expected_calibration_error': val['expected_calibration_error'],
           'val_melanoma_roc_auc': (val['melanoma'] or {}).get('roc_auc')}
 
 
 def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],
-                      data: input_pipeline.Data, p_eval: Any, config: ml_collections.ConfigDict,
+                      data: input_pipeline.Data, config: ml_collections.ConfigDict,
                       workdir: epath.Path) -> dict[str, Any]:
   """Test metrics of the checkpoint of lowest validation loss, written to the workdir."""
   state, best = checkpointing.restore(manager, manager.best_step(), state)
   best = next(row for row in history if row['epoch'] == best['epoch'])
   result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
   result.update({k: v for k, v in best.items() if k.startswith('val_')})
-  result.update(evaluate(p_eval, state, data.test, config.batch_size, 'test'))
   full = evaluation.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {
       'step': int(state.step), 'epoch': best['epoch'], 'selected_by': 'lowest validation loss'})
+  result.update(full.predictions.summary('test'))
   evaluation.write_reports(workdir, full)
   evaluation.write_operating_point(workdir, full.report['operating_point'])
   test = full.report['splits']['test']

@@ -1,5 +1,6 @@
 """Clinical metrics against scikit-learn, the operating point, and exact gathering over devices and hosts."""
 
+import functools
 import json
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import calibration, metrics as sk
 
-from melanoma_jax import evaluation, input_pipeline, steps, train
+from melanoma_jax import evaluation, input_pipeline, metrics as metrics_lib, steps, train
 
 NUM_CLASSES = 5
 ABSENT = 2  # A class no label has.
@@ -165,13 +166,17 @@ def model_and_examples(tiny_config):
 
 def test_gathering_over_devices_counts_each_example_once(model_and_examples):
   state, examples = model_and_examples
-  probs, labels = evaluation.gather_predictions(state, examples, BATCH)
+  gathered = evaluation.gather_predictions(state, examples, BATCH)
+  probs, labels = gathered.probs, gathered.labels
   # One device, in the per-device batch of 2, so the arithmetic is the same to the bit.
-  padded = np.concatenate([examples.images, examples.images[:1]])
-  single = np.concatenate([jax.jit(steps.predict)(state, padded[i:i + 2])
-                           for i in range(0, N + 1, 2)])[:N]
+  padded = {'image': np.concatenate([examples.images, examples.images[:1]]),
+            'label': np.concatenate([examples.labels, examples.labels[:1]])}
+  outputs = [jax.jit(steps.predict_with_loss)(state, jax.tree.map(lambda x: x[i:i + 2], padded))
+             for i in range(0, N + 1, 2)]
+  single = np.concatenate([p for p, _ in outputs])[:N]
   np.testing.assert_array_equal(labels, examples.labels)
   np.testing.assert_array_equal(probs, single)
+  np.testing.assert_array_equal(gathered.losses, np.concatenate([l for _, l in outputs])[:N])
   names = [f'c{c}' for c in range(8)] + ['melanoma']
   threshold = float(np.median(single[:, 8]))
   assert (evaluation.report(probs, labels, names, threshold) ==
@@ -193,6 +198,21 @@ def test_gathering_over_hosts_restores_dataset_order(model_and_examples, monkeyp
   for host in (1, 0):
     monkeypatch.setattr(jax, 'process_index', lambda host=host: host)
     # Twice the batch: each host's 4 devices still get 2 examples, as above.
-    probs, labels = evaluation.gather_predictions(state, examples, 2 * BATCH)
-  np.testing.assert_array_equal(labels, expected[1])
-  np.testing.assert_array_equal(probs, expected[0])
+    gathered = evaluation.gather_predictions(state, examples, 2 * BATCH)
+  for field in ('probs', 'labels', 'losses'):
+    np.testing.assert_array_equal(getattr(gathered, field), getattr(expected, field))
+
+
+def test_summary_of_predictions_equals_the_eval_step_metrics(model_and_examples):
+  state, examples = model_and_examples
+  p_eval = jax.pmap(functools.partial(steps.eval_step, axis_name='d'), axis_name='d',
+                    in_axes=(None, 0), out_axes=None)
+  total = None
+  for batch in input_pipeline.eval_batches(examples, BATCH):
+    total = metrics_lib.accumulate(total, p_eval(state, batch))
+  expected = metrics_lib.summarize(total, 'val')
+  summary = evaluation.gather_predictions(state, examples, BATCH).summary('val')
+  assert summary.keys() == expected.keys()
+  assert summary['val_loss'] == pytest.approx(expected['val_loss'], rel=1e-6)
+  for key in expected.keys() - {'val_loss'}:
+    assert summary[key] == expected[key], key

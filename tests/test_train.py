@@ -94,6 +94,27 @@ def test_batch_not_divisible_by_devices_is_refused(tiny_config, tmp_path):
     train.train_and_evaluate(_config(tiny_config, batch_size=6), str(tmp_path))
 
 
+@pytest.mark.parametrize('field, value, message', [('conv_impl', 'winograd', 'choose auto or one of'),
+                                                   ('dtype', 'float16', 'parameters always stay float32')])
+def test_unknown_model_lowering_or_dtype_is_refused(tiny_config, tmp_path, field, value, message):
+  config = _config(tiny_config)
+  config.model[field] = value
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_config_selects_lowering_and_mixed_precision(tiny_config):
+  config = _config(tiny_config)
+  config.model.conv_impl, config.model.dtype = 'native', 'bfloat16'
+  state = train.build_state(config, 9, 0.9)
+  batch = np.zeros((2, config.image_size, config.image_size, 3), np.uint8)
+  hlo = jax.jit(lambda s, x: s.model.apply({'params': s.params, 'batch_stats': s.batch_stats}, x,
+                                          train=False)).lower(state, batch).as_text()
+  assert 'bf16' in hlo and 'convolution' in hlo
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+
+
 def test_launcher_refuses_unknown_config_keys(tmp_path):
   proc = subprocess.run(
       [sys.executable, 'launch.py', '--config=configs/balanced.py:synthetic',

@@ -1,0 +1,52 @@
+"""Process tuning: the flags it adds, what it leaves alone, and the re-execution."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from melanoma_jax import runtime
+
+_SHOW = ('import os, sys; from melanoma_jax import runtime; runtime.configure(reexec=True); '
+         'print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), os.environ["XLA_FLAGS"])')
+
+
+def test_flags_only_for_measured_jaxlib_releases():
+  assert runtime.cpu_xla_flags('0.10.2') == ('--xla_cpu_experimental_ynn_fusion_type=',)
+  assert runtime.cpu_xla_flags('0.4.38') == ()
+  assert runtime.cpu_xla_flags('1.0.0') == ()
+
+
+def test_user_flags_win_and_others_are_kept():
+  current = '--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type=dot'
+  merged = runtime.with_xla_flags(current, ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_other=1'))
+  assert merged.split() == [*current.split(), '--xla_other=1']
+  assert runtime.with_xla_flags('', ('--a=',)) == '--a='
+
+
+def _run(tunables=None):
+  """(pid, output) of a child that configures itself and prints what it ends up with."""
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  if tunables:
+    env['GLIBC_TUNABLES'] = tunables
+  proc = subprocess.Popen([sys.executable, '-c', _SHOW, 'arg one', '--two'], env=env,
+                          stdout=subprocess.PIPE, text=True)
+  out, _ = proc.communicate()
+  assert proc.returncode == 0
+  pid, printed = out.split(' ', 1)
+  return int(pid) == proc.pid, printed
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc tunables are Linux-only')
+def test_reexecutes_in_place_with_huge_pages_and_the_same_arguments():
+  same_pid, out = _run()
+  assert same_pid
+  assert out.startswith("['arg one', '--two'] glibc.malloc.hugetlb=1 --xla_force_host_platform_device_count=2")
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc tunables are Linux-only')
+def test_users_own_malloc_tunables_are_left_alone():
+  _, out = _run('glibc.malloc.arena_max=2')
+  assert out.startswith("['arg one', '--two'] glibc.malloc.arena_max=2 ")
