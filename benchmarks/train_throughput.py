@@ -1,30 +1,39 @@
-"""Training throughput of the seed model: ours against Keras, in one process.
+"""Training throughput of the seed model: ours against Keras, in one invocation.
 
   python benchmarks/train_throughput.py                 # 180x180, batch 32
   python benchmarks/train_throughput.py --image_size=64 --windows=3   # quick
 
-Contenders, timed in alternating windows so machine load hits all alike:
+Contenders:
   step   our jitted `steps.train_step` on one fixed device batch;
   keras  the same model in Keras/TensorFlow (`train_on_batch` on the same batch);
-  loop   our full training loop (`train.train_and_evaluate`) on the synthetic
-         dataset, if it runs here: its epochs run once, between the first
-         and second half of the windows. Its images/sec come from its own
-         per-epoch history and include that epoch's validation pass.
-Each prints images/sec (median over windows after a warm-up step), time to
-first step (build, compile, one step) and peak resident memory so far.
-Memory is process-wide and only grows, so contenders are set up in order.
+  loop   our full training loop, as users run it (`launch.py` on the synthetic
+         dataset, in a child process): its epochs run once, between the first
+         and second half of the step/keras windows. Its images/sec are its
+         training throughput per epoch from its own history (validation
+         excluded), median after the compiling first epoch.
+step and keras each run in a process of their own (so neither framework's
+threads or heap slow the other) and alternate in timed windows, so machine
+load hits both alike. Printed: images/sec (median over windows after a
+warm-up step), time to first step (process start to one step done) and
+each contender's peak resident memory.
+Like launch.py, the benchmark first applies `melanoma_jax.runtime` (XLA:CPU
+flags, huge pages); `--untuned` skips it for step and keras.
 """
 
 import argparse
+import itertools
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, _ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,10 +47,13 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument('--windows', type=int, default=5, help='timed windows per contender')
   parser.add_argument('--steps_per_window', type=int, default=3)
   parser.add_argument('--conv_impl', default='auto', help="SeedCNN.conv_impl, e.g. 'native'")
+  parser.add_argument('--settle_s', type=float, default=2.0,
+                      help='idle seconds before each window, so the previous contender\'s threads wind down')
   parser.add_argument('--loop_epochs', type=int, default=3, help='0 skips the loop')
   parser.add_argument('--no_keras', action='store_true')
   parser.add_argument('--untuned', action='store_true',
                       help='skip melanoma_jax.runtime (XLA:CPU flags, huge pages), as launch.py applies it')
+  parser.add_argument('--worker', choices=sorted(_BUILDERS), help=argparse.SUPPRESS)
   return parser.parse_args()
 
 
@@ -100,82 +112,127 @@ def _keras_step(args, images, labels) -> Callable[[], None]:
 
 
 def _run_loop(args) -> dict[str, float]:
-  """Our training loop on synthetic data; images/sec per epoch from its history."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from melanoma_jax import reporting, train  # pylint: disable=g-import-not-at-top
+  """Our training loop as users run it: launch.py on the synthetic dataset, in its own process.
 
-  config = default.get_config('synthetic')
-  config.image_size = args.image_size
-  config.batch_size = args.batch_size
-  config.num_epochs = args.loop_epochs
-  start = time.perf_counter()
-  with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
-    history = reporting.read_history(workdir)
+  Its images/sec are the median of its per-epoch training throughput (after
+  the first epoch, which compiles), from the run's history; its peak memory
+  is its own.
+  """
+  from melanoma_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as workdir, open(os.path.join(workdir, 'log'), 'w+') as log:
+    command = [sys.executable, 'launch.py', '--config=configs/default.py:synthetic',
+               f'--config.image_size={args.image_size}', f'--config.batch_size={args.batch_size}',
+               f'--config.num_epochs={args.loop_epochs}', f'--config.model.conv_impl={args.conv_impl}',
+               f'--workdir={os.path.join(workdir, "run")}']
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(process.pid, 0)
+    total_s = time.perf_counter() - start
+    if status:
+      log.seek(0)
+      raise RuntimeError(f'{" ".join(command)} failed:\n{log.read()[-2000:]}')
+    history = reporting.read_history(os.path.join(workdir, 'run'))
   later = [row['images_per_sec'] for row in history[1:]] or [history[0]['images_per_sec']]
-  return {'images_per_sec': statistics.median(later), 'total_s': time.perf_counter() - start,
-          'first_epoch_s': history[0]['epoch_seconds']}
+  return {'images_per_sec': statistics.median(later), 'total_s': total_s,
+          'first_epoch_s': history[0]['epoch_seconds'], 'peak_rss_gib': usage.ru_maxrss / 2**20}
+
+
+_BUILDERS = {'step': _jax_step, 'keras': _keras_step}
+
+
+def _serve(args) -> None:
+  """A contender's process: builds it, runs one step, then runs the steps asked on stdin.
+
+  Replies one JSON line per request: seconds taken and peak RSS so far.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=np.uint8)
+  labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
+  step = _BUILDERS[args.worker](args, images, labels)
+  for request in itertools.chain(['1'], sys.stdin):
+    start = time.perf_counter()
+    for _ in range(int(request)):
+      step()
+    print(json.dumps({'seconds': time.perf_counter() - start, 'peak_rss_gib': _peak_rss_gib()}), flush=True)
+
+
+class _Contender:
+  """A contender in its own process, so neither framework's threads or heap slow the other."""
+
+  def __init__(self, name: str, argv: list[str]):
+    start = time.perf_counter()
+    self.process = subprocess.Popen([sys.executable, __file__, *argv, f'--worker={name}'],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.rates: list[float] = []
+    self.peak_rss_gib = self._reply()['peak_rss_gib']
+    self.first_step_s = time.perf_counter() - start
+
+  def _reply(self) -> dict[str, float]:
+    for line in self.process.stdout:
+      if line.startswith('{'):  # anything else is a library talking
+        return json.loads(line)
+    raise RuntimeError(f'{self.process.args} exited with {self.process.wait()}')
+
+  def time_window(self, steps: int, batch_size: int) -> None:
+    self.process.stdin.write(f'{steps}\n')
+    self.process.stdin.flush()
+    reply = self._reply()
+    self.rates.append(steps * batch_size / reply['seconds'])
+    self.peak_rss_gib = reply['peak_rss_gib']
 
 
 def main() -> None:
   args = _parse_args()
+  if args.worker:
+    _serve(args)
+    return
   if not args.untuned:
     runtime.configure(reexec=True)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from melanoma_jax import layers  # pylint: disable=g-import-not-at-top
 
-  rng = np.random.default_rng(0)
-  shape = (args.batch_size, args.image_size, args.image_size, 3)
-  images = rng.integers(0, 256, shape, dtype=np.uint8)
-  labels = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPUs; {args.image_size}x{args.image_size}, batch {args.batch_size}, '
         f'conv_impl={args.conv_impl} ({layers.resolve(args.conv_impl)}); '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
         flush=True)
-
-  builders = {'step': _jax_step}
-  if not args.no_keras:
-    builders['keras'] = _keras_step
-  contenders, rates = {}, {}
-  for name, build in builders.items():
-    start = time.perf_counter()
-    contenders[name] = build(args, images, labels)
-    contenders[name]()
-    rates[name] = []
-    print(f'{name}: time to first step {time.perf_counter() - start:.1f} s, '
-          f'peak RSS so far {_peak_rss_gib():.2f} GiB', flush=True)
+  contenders = {}
+  for name in ('step',) if args.no_keras else ('step', 'keras'):
+    contenders[name] = _Contender(name, sys.argv[1:])
+    print(f'{name}: time to first step {contenders[name].first_step_s:.1f} s (process start, '
+          f'build, compile, one step), peak RSS {contenders[name].peak_rss_gib:.2f} GiB', flush=True)
 
   loop = None
   for window in range(args.windows):
     if window == args.windows // 2 and args.loop_epochs:
       try:
         loop = _run_loop(args)
-        print(f'loop: {args.loop_epochs} epochs in {loop["total_s"]:.1f} s (first epoch '
-              f'{loop["first_epoch_s"]:.1f} s), peak RSS so far {_peak_rss_gib():.2f} GiB',
-              flush=True)
+        print(f'loop: {args.loop_epochs} epochs in {loop["total_s"]:.1f} s including dataset '
+              f'preparation (first epoch {loop["first_epoch_s"]:.1f} s), peak RSS '
+              f'{loop["peak_rss_gib"]:.2f} GiB', flush=True)
       except Exception as e:  # pylint: disable=broad-except
         print(f'loop: skipped ({type(e).__name__}: {str(e)[:200]})', flush=True)
-    for name, step in contenders.items():
-      start = time.perf_counter()
-      for _ in range(args.steps_per_window):
-        step()
-      rates[name].append(args.steps_per_window * args.batch_size / (time.perf_counter() - start))
+    for contender in contenders.values():
+      time.sleep(args.settle_s)
+      contender.time_window(args.steps_per_window, args.batch_size)
 
-  medians = {name: statistics.median(r) for name, r in rates.items()}
+  medians = {name: statistics.median(c.rates) for name, c in contenders.items()}
   if loop:
     medians['loop'] = loop['images_per_sec']
   for name, rate in medians.items():
-    spread = f' (windows {min(rates[name]):.1f}-{max(rates[name]):.1f})' if name in rates else ''
-    print(f'{name:6s} {rate:8.1f} images/s{spread}')
+    detail = (f'windows {min(contenders[name].rates):.1f}-{max(contenders[name].rates):.1f}, '
+              f'peak RSS {contenders[name].peak_rss_gib:.2f} GiB' if name in contenders else
+              f'peak RSS {loop["peak_rss_gib"]:.2f} GiB')
+    print(f'{name:6s} {rate:8.1f} images/s ({detail})')
   for ours in ('step', 'loop'):
     if ours in medians and 'keras' in medians:
       print(f'{ours}/keras {medians[ours] / medians["keras"]:.2f}')
   if 'loop' in medians:
     print(f'loop/step {medians["loop"] / medians["step"]:.2f}')
-  print(f'peak RSS {_peak_rss_gib():.2f} GiB (whole process)')
 
 
 if __name__ == '__main__':

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 # jaxlib (major, minor) -> XLA:CPU flags measured to speed up the seed model.
 _CPU_XLA_FLAGS = {
-    (0, 10): ('--xla_cpu_experimental_ynn_fusion_type=',),
+    (0, 10): ('--xla_cpu_experimental_ynn_fusion_type=reduce',),
 }
 
 

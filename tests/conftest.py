@@ -1,10 +1,17 @@
-"""Test setup: four fake CPU devices, so multi-device code runs everywhere."""
+"""Test setup: four fake CPU devices, so multi-device code runs everywhere.
+
+The XLA flags are launch.py's too (`runtime.configure`), so runs in the test
+process and runs of launch.py compute the same bits.
+"""
 
 import os
+
+from melanoma_jax import runtime
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+runtime.configure()
 
 import pytest  # noqa: E402  (after the environment is set)
 

@@ -13,7 +13,7 @@ _SHOW = ('import os, sys; from melanoma_jax import runtime; runtime.configure(re
 
 
 def test_flags_only_for_measured_jaxlib_releases():
-  assert runtime.cpu_xla_flags('0.10.2') == ('--xla_cpu_experimental_ynn_fusion_type=',)
+  assert runtime.cpu_xla_flags('0.10.2') == ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
   assert runtime.cpu_xla_flags('0.4.38') == ()
   assert runtime.cpu_xla_flags('1.0.0') == ()
 
