@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from melanoma_jax import runtime
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Below this many input channels `_weight_grad`'s copies cost more than they save.
 _MIN_MATMUL_CHANNELS = 8
@@ -100,18 +102,21 @@ def _reshape_pool(x):
 LOWERINGS: dict[str, tuple[Callable[..., jax.Array], Callable[[jax.Array], jax.Array]]] = {
     # Exactly nn.Conv / nn.max_pool: the reference, and what accelerators run best.
     'native': (_native_conv, _native_pool),
-    # A padded forward, differentiated by XLA.
+    # A padded forward, differentiated by XLA: fastest on CPU with
+    # `runtime`'s XLA flags.
     'padded': (_padded_conv, _reshape_pool),
-    # A padded forward and a matmul kernel gradient: fastest on CPU at 180x180.
+    # A padded forward and a matmul kernel gradient: fastest on CPU without
+    # them (XLA's own kernel gradient is then the slowest part of the step).
     'mixed': (_mixed_conv, _reshape_pool),
 }
-_AUTO = {'cpu': 'mixed'}
 
 
 def resolve(conv_impl: str) -> str:
   """The lowering `conv_impl` names; 'auto' picks the fastest for this platform."""
   if conv_impl == 'auto':
-    return _AUTO.get(jax.default_backend(), 'native')
+    if jax.default_backend() != 'cpu':
+      return 'native'
+    return 'padded' if runtime.cpu_flags_active() else 'mixed'
   if conv_impl not in LOWERINGS:
     raise ValueError(f'Unknown conv_impl {conv_impl!r}; choose auto or one of {sorted(LOWERINGS)}.')
   return conv_impl

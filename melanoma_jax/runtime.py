@@ -35,6 +35,19 @@ def cpu_xla_flags(jaxlib_version: str) -> tuple[str, ...]:
   return _CPU_XLA_FLAGS.get(major_minor, ())
 
 
+def _measured_flags() -> tuple[str, ...]:
+  try:
+    return cpu_xla_flags(importlib.metadata.version('jaxlib'))
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return ()
+
+
+def cpu_flags_active() -> bool:
+  """Whether XLA_FLAGS holds this jaxlib's measured flags (which change the fastest lowering)."""
+  flags = _measured_flags()
+  return bool(flags) and set(flags) <= set(os.environ.get('XLA_FLAGS', '').split())
+
+
 def with_xla_flags(current: str, flags: Sequence[str]) -> str:
   """`current` XLA_FLAGS plus each of `flags` whose name it does not set already."""
   names = {flag.split('=')[0] for flag in current.split()}
@@ -48,11 +61,7 @@ def configure(reexec: bool = False) -> None:
   replaced by the same command with huge pages; the PID stays the same, so
   signals still reach it. Without, only the XLA flags are set.
   """
-  try:
-    flags = cpu_xla_flags(importlib.metadata.version('jaxlib'))
-  except (importlib.metadata.PackageNotFoundError, ValueError):
-    flags = ()
-  os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), flags)
+  os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags())
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
     os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from melanoma_jax import layers, models, optim, steps
+from melanoma_jax import layers, models, optim, runtime, steps
 
 LOWERINGS = sorted(layers.LOWERINGS)
 
@@ -63,8 +63,11 @@ def test_unsupported_convolutions_are_refused():
     layers.resolve('winograd')
 
 
-def test_auto_picks_the_cpu_lowering_here():
+def test_auto_picks_the_cpu_lowering_for_the_xla_flags(monkeypatch):
   assert jax.default_backend() == 'cpu'
+  assert runtime.cpu_flags_active()  # conftest configures the runtime as launch.py does
+  assert layers.resolve('auto') == 'padded'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
   assert layers.resolve('auto') == 'mixed'
 
 
@@ -89,12 +92,13 @@ def test_model_checkpoints_and_gradients_carry_across_lowerings():
       return jnp.mean(steps.head_loss(logits, labels)), logits
     return jax.grad(loss, has_aux=True)(params)
 
-  ours, reference = jax.jit(lambda p: (grads_and_logits('mixed', p), grads_and_logits(
-      'native', p)))(variables['params'])
-  jax.tree.map(lambda a, b: _close(a, b, 1e-4), ours, reference)
+  reference = jax.jit(lambda p: grads_and_logits('native', p))(variables['params'])
+  for impl in set(LOWERINGS) - {'native'}:
+    ours = jax.jit(lambda p, impl=impl: grads_and_logits(impl, p))(variables['params'])
+    jax.tree.map(lambda a, b: _close(a, b, 1e-4), ours, reference)
 
 
-@pytest.mark.parametrize('impl', ['native', 'mixed'])
+@pytest.mark.parametrize('impl', LOWERINGS)
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(impl):
   """Mixed precision: bf16 activations and convolutions, f32 params, grads and optimizer."""
   model = models.SeedCNN(9, dtype=jnp.bfloat16, conv_impl=impl, dropout_rate=0.0)
