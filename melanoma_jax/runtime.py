@@ -1,17 +1,21 @@
 """Process settings that make XLA:CPU train fast; they must precede JAX's start.
 
-Measured on a 2-core AVX-512 VM, seed model at 180x180, batch 32, the bare
-train step went from 15.6 to ~21 images/s (see benchmarks/train_throughput.py):
+Measured on a 2-core AVX-512 VM, seed model at 180x180, batch 32, bare train
+step (`benchmarks/train_throughput.py`; README, Speed):
 
-* XLA (jaxlib 0.10) sends matrix multiplications to YNNPACK by default, which
-  here is several times slower than XLA's own Eigen path for this model's
-  convolutions and Dense layers. The flag is experimental, so it is set only
-  for the jaxlib releases it was measured on: an unknown flag aborts XLA.
+* XLA (jaxlib 0.10) by default turns every large sum (BatchNorm statistics,
+  bias gradients) into a tree of reduce-windows that run slowly on CPU, and
+  sends matrix multiplications to YNNPACK, slower here than XLA's own Eigen
+  path. `--xla_cpu_experimental_ynn_fusion_type=reduce` sends the sums to
+  YNNPACK instead and keeps matmuls and convolutions on Eigen. It is
+  experimental, so it is set only for the jaxlib releases it was measured on
+  (an unknown flag aborts XLA), and it changes which lowering is fastest
+  (`layers.resolve`).
 * glibc returns every freed block over 32 MiB to the kernel, so each step
-  faults its GBs of temporaries in again, 4 KiB at a time (millions of page
-  faults, seconds of system time per step). Transparent huge pages cut the
-  faults ~50x. glibc reads the setting only at process start, so the entry
-  points re-execute themselves with it once.
+  faults its GBs of temporaries in again, 4 KiB at a time: a one-epoch
+  launch.py run took 27M page faults and 53 s of system time; with
+  transparent huge pages, 0.44M and 26 s. glibc reads the setting only at
+  process start, so entry points re-execute themselves with it once.
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.

@@ -173,7 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
       window_start, window_step = epoch_start, offset
       batches = input_pipeline.train_batches(data.train, config, num_classes, epoch, epoch_steps, offset)
-      for i, batch in enumerate(batches, offset + 1):
+      # Exactly the epoch's batches: asking the stream for one more would
+      # wait for tf.data to discover its end (seconds, in the first epoch).
+      for i, batch in zip(range(offset + 1, epoch_steps + 1), batches):
         state, step_metrics = p_train(state, batch)
         total = metrics_lib.accumulate(total, step_metrics)
         step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
@@ -193,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
             manager.close()
             return None
+      del batches  # its copy of the training images, before the next epoch makes another
 
       row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
       row.update(metrics_lib.summarize(total, 'train'))
