@@ -17,7 +17,9 @@ load hits both alike. Printed: images/sec (median over windows after a
 warm-up step), time to first step (process start to one step done) and
 each contender's peak resident memory.
 Like launch.py, the benchmark first applies `melanoma_jax.runtime` (XLA:CPU
-flags, huge pages); `--untuned` skips it for step and keras.
+flags, huge pages) for step and loop (`--untuned` skips it for step); Keras
+runs as TensorFlow users run it, without huge pages (it does not gain from
+them here).
 """
 
 import argparse
@@ -164,7 +166,9 @@ class _Contender:
 
   def __init__(self, name: str, argv: list[str]):
     start = time.perf_counter()
-    self.process = subprocess.Popen([sys.executable, __file__, *argv, f'--worker={name}'],
+    # Keras runs as TensorFlow users run it: without our process settings.
+    env = {k: v for k, v in os.environ.items() if name == 'step' or k != 'GLIBC_TUNABLES'}
+    self.process = subprocess.Popen([sys.executable, __file__, *argv, f'--worker={name}'], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.rates: list[float] = []
     self.peak_rss_gib = self._reply()['peak_rss_gib']
