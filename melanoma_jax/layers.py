@@ -41,8 +41,8 @@ def _weight_grad(lhs, g, kh, kw):
   """The kernel gradient of a VALID convolution as one matmul.
 
   XLA:CPU computes it as a convolution whose window is the whole output
-  gradient, after transposing both operands: the slowest part of the step.
-  Here the kw width taps of the input and the kh height shifts of the
+  gradient, after transposing both operands: without `runtime`'s XLA flags,
+  the slowest part of the step. Here the kw width taps of the input and the kh height shifts of the
   output gradient go into channels (cheap copies), and
   dW[(i, f), (j, c)] = sum over (n, h, w) of rows[.., (i, f)] * cols[.., (j, c)].
   """

@@ -59,9 +59,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'{devices} devices, so each gets an equal share.')
   if config.model.name != 'seed_cnn':
     raise ConfigError(f"config.model.name={config.model.name!r}; available: 'seed_cnn'.")
-  if config.model.conv_impl != 'auto' and config.model.conv_impl not in layers.LOWERINGS:
-    raise ConfigError(f'config.model.conv_impl={config.model.conv_impl!r}; choose auto or one of '
-                      f'{sorted(layers.LOWERINGS)}.')
+  try:
+    layers.resolve(config.model.conv_impl)
+  except ValueError as e:
+    raise ConfigError(f'config.model.conv_impl: {e}') from None
   if config.model.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; choose one of {COMPUTE_DTYPES} '
                       '(parameters always stay float32).')
@@ -238,10 +239,10 @@ def params_digest(params: Any) -> str:
 
 def _clinical_summary(val: evaluation.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
   """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
-  val = evaluation.report(val.probs, val.labels, class_names)
-  return {'val_macro_f1': val['macro_f1'], 'val_macro_roc_auc': val['macro_roc_auc'],
-          'val_expected_calibration_error': val['expected_calibration_error'],
-          'val_melanoma_roc_auc': (val['melanoma'] or {}).get('roc_auc')}
+  report = evaluation.report(val.probs, val.labels, class_names)
+  return {'val_macro_f1': report['macro_f1'], 'val_macro_roc_auc': report['macro_roc_auc'],
+          'val_expected_calibration_error': report['expected_calibration_error'],
+          'val_melanoma_roc_auc': (report['melanoma'] or {}).get('roc_auc')}
 
 
 def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],
