@@ -24,7 +24,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from melanoma_jax import datasets, input_pipeline, metrics as metrics_lib, plots, steps
+from melanoma_jax import (calibration, datasets, input_pipeline, intervals, metrics as metrics_lib, plots,
+                          steps, subgroups)
 
 NUM_CALIBRATION_BINS = 15
 CALIBRATION_BINNING = (
@@ -264,6 +265,24 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
   return _jsonable(result)
 
 
+def calibration_effect(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray,
+           melanoma: int | None) -> dict[str, Any]:
+  """ECE and NLL before and after scaling, and the reliability bins before, of one split."""
+  labels = np.asarray(labels)
+  result = {'nll_before': calibration.negative_log_likelihood(raw, labels),
+            'nll_after': calibration.negative_log_likelihood(calibrated, labels)}
+  outcomes = {'top_class': (lambda p: p.max(axis=-1), lambda p: np.argmax(p, axis=-1) == labels)}
+  if melanoma is not None:
+    outcomes['melanoma'] = (lambda p: p[:, melanoma], lambda p: labels == melanoma)
+  for name, (probability, outcome) in outcomes.items():
+    result[f'ece_{name}_before'] = expected_calibration_error(probability(raw), outcome(raw))
+    result[f'ece_{name}_after'] = expected_calibration_error(
+        probability(calibrated), outcome(calibrated))
+    result[f'reliability_{name}_before'] = reliability(probability(raw), outcome(raw))
+  return result
+
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
   """A checkpoint's full report and the predictions on the evaluated split (for plots)."""
@@ -273,15 +292,22 @@ class Evaluation:
 
 def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, split: str,
                         target_sensitivity: float, batch_size: int,
-                        checkpoint: dict[str, Any]) -> Evaluation:
+                        checkpoint: dict[str, Any],
+                        attributes: dict[str, np.ndarray] | None = None) -> Evaluation:
   """Reports on validation and `split`, at a melanoma threshold chosen on validation.
 
-  `checkpoint` (step, epoch, how it was selected) is recorded in the report
-  and the operating point.
+  Probabilities are temperature-scaled with a temperature fitted on
+  validation, and the threshold is chosen on the scaled ones. `checkpoint`
+  (step, epoch, how it was selected) is recorded in the report, the
+  calibration and the operating point. `attributes` (name -> a value per
+  example of `split`: sex, age, site) adds per-subgroup melanoma results.
   """
   examples = {'train': data.train, 'val': data.val, 'test': data.test}
-  predictions = {name: gather_predictions(state, examples[name], batch_size)
-                 for name in dict.fromkeys(('val', split))}
+  raw = {name: gather_predictions(state, examples[name], batch_size)
+         for name in dict.fromkeys(('val', split))}
+  temperature = calibration.fit(raw['val'].probs, raw['val'].labels, checkpoint)
+  predictions = {name: dataclasses.replace(p, probs=calibration.scale(p.probs, temperature['temperature']))
+                 for name, p in raw.items()}
   m = melanoma_index(data.class_names)
   operating_point = None
   if m is not None and np.any(predictions['val'].labels == m):
@@ -289,7 +315,7 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
     operating_point = {
         'class_name': datasets.MELANOMA, 'class_index': m,
         'threshold': choose_threshold(probs[:, m], labels == m, target_sensitivity),
-        'rule': 'alert when p(melanoma) >= threshold',
+        'rule': 'alert when p(melanoma) >= threshold', 'probabilities': 'calibrated',
         'chosen_on': 'validation', 'target_sensitivity': target_sensitivity,
         'checkpoint': checkpoint,
     }
@@ -300,9 +326,16 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
       'class_names': list(data.class_names),
       'operating_point': operating_point,
       'calibration_binning': CALIBRATION_BINNING,
-      'splits': {name: report(p.probs, p.labels, data.class_names, threshold)
+      'calibration': temperature,
+      'calibration_effect': {name: calibration_effect(raw[name].probs, p.probs, p.labels, m)
+                             for name, p in predictions.items()},
+      'splits': {name: intervals.add_intervals(report(p.probs, p.labels, data.class_names, threshold),
+                                               p.probs, p.labels, data.class_names)
                  for name, p in predictions.items()},
   }
+  if attributes and m is not None:
+    full['subgroups'] = subgroups.subgroup_report(
+        attributes, predictions[split].probs[:, m], predictions[split].labels == m, threshold)
   return Evaluation(full, predictions[split])
 
 
@@ -318,6 +351,8 @@ _MELANOMA_ROWS = (('melanomas', 'support'), ('ROC AUC', 'roc_auc'), ('sensitivit
 
 
 def _cell(value: Any) -> str:
+  if isinstance(value, dict):
+    return intervals.format_figure(value)
   if value is None:
     return 'n/a'
   return f'{value:.3f}' if isinstance(value, float) else str(value)
@@ -363,8 +398,9 @@ def to_markdown(full: dict[str, Any]) -> str:
                              for title, key in _MELANOMA_ROWS]) + ['']
   lines += ['## Overall', ''] + _table(header, [(title, *(splits[n][key] for n in names))
                                                 for title, key in _OVERALL_ROWS])
-  lines += ['', f'Calibration: {full["calibration_binning"]}', '',
-            f'## Per class ({SPLIT_TITLES[full["split"]]})', '']
+  lines += ['', f'Calibration: {full["calibration_binning"]}', '']
+  lines += calibration_markdown(full) + [evaluated.get('intervals', ''), '']
+  lines += [f'## Per class ({SPLIT_TITLES[full["split"]]})', '']
   keys = ('support', 'precision', 'recall', 'specificity', 'f1', 'roc_auc')
   lines += _table(['class', 'support', 'precision', 'recall (sensitivity)', 'specificity', 'F1',
                    'ROC AUC'], [(name, *(m[k] for k in keys)) for name, m in evaluated['per_class'].items()])
@@ -373,8 +409,26 @@ def to_markdown(full: dict[str, Any]) -> str:
   lines += _table(['true \\ predicted', *(f'{i}' for i in range(len(class_names)))],
                   [(f'{i} {name}', *row) for i, (name, row) in
                    enumerate(zip(class_names, evaluated['confusion_matrix']))])
+  if full.get('subgroups'):
+    lines += ['', *subgroups.to_markdown(full['subgroups'], SPLIT_TITLES[full['split']])]
   lines += ['', '## Plots', '', *(f'![{name}]({file})' for name, file in plots.REPORT_PLOTS.items()), '']
   return '\n'.join(lines)
+
+
+def calibration_markdown(full: dict[str, Any]) -> list[str]:
+  """The temperature and what it did to ECE and NLL on each split."""
+  record, effect = full.get('calibration'), full.get('calibration_effect')
+  if not record:
+    return []
+  names = list(effect)
+  rows = [(f'{title}, {when}', *(effect[n].get(f'{key}_{when}') for n in names))
+          for title, key in (('ECE (top class)', 'ece_top_class'), ('ECE of p(melanoma)', 'ece_melanoma'),
+                             ('NLL', 'nll'))
+          if f'{key}_before' in effect[names[0]] for when in ('before', 'after')]
+  return ['## Calibration (temperature scaling)', '',
+          f'Probabilities above are p = softmax(log p_model / T) with **T = {record["temperature"]:.3f}**, '
+          f'fitted on validation by least NLL; the alert threshold is chosen on them.', '',
+          *_table(['', *(SPLIT_TITLES[n] for n in names)], rows), '']
 
 
 def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
@@ -390,17 +444,25 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
   plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
                            full['class_names'])
-  curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], evaluated['per_class'][name]['roc_auc'])
-            for c, name in enumerate(full['class_names'])
-            if evaluated['per_class'][name]['roc_auc'] is not None}
+  auc = {name: intervals.value(m['roc_auc']) for name, m in evaluated['per_class'].items()}
+  curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], auc[name])
+            for c, name in enumerate(full['class_names']) if auc[name] is not None}
   melanoma = evaluated['melanoma']
   alert = None
-  if melanoma and None not in (melanoma.get('sensitivity'), melanoma.get('specificity')):
-    alert = (1 - melanoma['specificity'], melanoma['sensitivity'])
-  plots.roc_curves(directory / plots.ROC_PNG, curves, datasets.MELANOMA if melanoma else None, alert)
-  panels = {'top class (outcome: prediction correct)': evaluated['reliability']}
   if melanoma:
-    panels['p(melanoma) (outcome: is melanoma)'] = melanoma['reliability']
+    sensitivity, specificity = (intervals.value(melanoma.get(k)) for k in ('sensitivity', 'specificity'))
+    if None not in (sensitivity, specificity):
+      alert = (1 - specificity, sensitivity)
+  plots.roc_curves(directory / plots.ROC_PNG, curves, datasets.MELANOMA if melanoma else None, alert)
+  effect = full.get('calibration_effect', {}).get(full['split'], {})
+  panels = {}
+  for key, title, after in (('top_class', 'top class (outcome: prediction correct)', evaluated['reliability']),
+                            ('melanoma', 'p(melanoma) (outcome: is melanoma)',
+                             melanoma and melanoma['reliability'])):
+    if after:
+      if f'reliability_{key}_before' in effect:
+        panels[f'{title}\nbefore temperature scaling'] = effect[f'reliability_{key}_before']
+      panels[f'{title}\n' + ('after temperature scaling' if effect else '')] = after
   plots.reliability_diagrams(directory / plots.RELIABILITY_PNG, panels)
 
 
