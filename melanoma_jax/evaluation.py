@@ -74,14 +74,23 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
     local['losses'].append(losses)
     local['labels'].append(batch['label'])
     local['mask'].append(batch['mask'])
+  ordered = gather_in_order(local)
+  return Predictions(ordered['probs'], ordered['labels'].astype(np.int32), ordered['losses'])
+
+
+def gather_in_order(local: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+  """Per-batch outputs [devices, per-device batch, ...] of this host, gathered across hosts.
+
+  In dataset order, padding (`local['mask']`) dropped: host p's share is
+  examples p, p + hosts, ... (`input_pipeline.host_shard`).
+  """
   local = {k: np.concatenate([np.asarray(v).reshape(-1, *v.shape[2:]) for v in parts])
            for k, parts in local.items()}
   # [hosts, padded share, ...]: every host runs the same number of batches.
   gathered = multihost_utils.process_allgather(local)
   ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
-  keep = ordered['mask'].astype(bool)
-  return Predictions(ordered['probs'][keep], ordered['labels'][keep].astype(np.int32),
-                     ordered['losses'][keep])
+  keep = ordered.pop('mask').astype(bool)
+  return {k: v[keep] for k, v in ordered.items()}
 
 
 def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
@@ -327,8 +336,8 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
       'operating_point': operating_point,
       'calibration_binning': CALIBRATION_BINNING,
       'calibration': temperature,
-      'calibration_effect': {name: calibration_effect(raw[name].probs, p.probs, p.labels, m)
-                             for name, p in predictions.items()},
+      'calibration_effect': _jsonable({name: calibration_effect(raw[name].probs, p.probs, p.labels, m)
+                                       for name, p in predictions.items()}),
       'splits': {name: intervals.add_intervals(report(p.probs, p.labels, data.class_names, threshold),
                                                p.probs, p.labels, data.class_names)
                  for name, p in predictions.items()},
@@ -409,10 +418,22 @@ def to_markdown(full: dict[str, Any]) -> str:
   lines += _table(['true \\ predicted', *(f'{i}' for i in range(len(class_names)))],
                   [(f'{i} {name}', *row) for i, (name, row) in
                    enumerate(zip(class_names, evaluated['confusion_matrix']))])
+  if full.get('out_of_distribution'):
+    lines += ['', *ood_markdown(full['out_of_distribution'])]
   if full.get('subgroups'):
     lines += ['', *subgroups.to_markdown(full['subgroups'], SPLIT_TITLES[full['split']])]
   lines += ['', '## Plots', '', *(f'![{name}]({file})' for name, file in plots.REPORT_PLOTS.items()), '']
   return '\n'.join(lines)
+
+
+def ood_markdown(summary: dict[str, Any]) -> list[str]:
+  """The out-of-distribution threshold and how many images of each split pass it."""
+  rates = ', '.join(f'{SPLIT_TITLES[name]} {summary[f"{name}_pass_rate"]:.1%}'
+                    for name in ('train', 'val', 'test') if f'{name}_pass_rate' in summary)
+  return ['## Out-of-distribution refusal', '',
+          f'Inference refuses (no melanoma alert) an image whose {summary["method"]} score exceeds '
+          f'{summary["threshold"]:.4g}, chosen so that {summary["pass_fraction"]:.0%} of validation images '
+          f'pass. Passing: {rates}.']
 
 
 def calibration_markdown(full: dict[str, Any]) -> list[str]:

@@ -5,8 +5,10 @@
 PATHs are image files and folders (searched recursively for .jpg .jpeg .png
 .bmp, any case). One CSV row per image: per-class probabilities, predicted
 class, p(melanoma), and the alert flag at the threshold the run chose on
-validation (`operating_point.json`). An unreadable file gets its error in
-its row. --json also writes the same as JSON next to the CSV; --tta averages
+validation (`operating_point.json`), on probabilities calibrated by the
+run's temperature (`calibration.json`). An image unlike the training lesions
+(`ood.npz`) is refused: `in_distribution` no, no alert, and `refused` says
+why. An unreadable file gets its error in its row. --json also writes the same as JSON next to the CSV; --tta averages
 the 8 flips and rotations of each image.
 """
 
@@ -14,14 +16,14 @@ import csv
 import json
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, runtime, steps
+from melanoma_jax import calibration, cli, evaluation, ood, runtime, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -67,12 +69,14 @@ def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False
-                  ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
-  """(file, class probabilities or None, error or None) per file, in order.
+                  batch_size: int = 32, tta: bool = False,
+                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
+                  ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
+  """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
 
   Files are decoded a batch at a time; every batch is padded to
-  `batch_size`, so the jitted predict compiles once.
+  `batch_size`, so the jitted predict compiles once. The out-of-distribution
+  score is of the image as given (not its TTA views).
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
@@ -83,16 +87,24 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
     for i in readable:
       images[i] = decoded[i][0]
     probs = np.asarray(predict(state, images)) if readable else None
+    scores = np.asarray(ood_score(state, images)) if readable and ood_score else None
     for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
-      yield path, (None if error else probs[i]), error
+      yield (path, (None if error else probs[i]), error,
+             None if error or scores is None else float(scores[i]))
 
 
 def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | None,
-                   class_names: Sequence[str], threshold: float | None) -> dict[str, Any]:
-  """One image's JSON-able result; the alert is None without an operating point."""
+                   class_names: Sequence[str], threshold: float | None,
+                   ood_score: float | None = None, ood_threshold: float | None = None) -> dict[str, Any]:
+  """One image's JSON-able result; the alert is None without an operating point.
+
+  An image whose out-of-distribution score exceeds `ood_threshold` is
+  refused: `in_distribution` no, no alert, and `refused` says why.
+  """
   m = evaluation.melanoma_index(class_names)
   row = {'file': str(path), 'error': error, 'predicted_class': None,
          'melanoma_probability': None, 'melanoma_alert': None,
+         'in_distribution': None, 'ood_score': ood_score, 'refused': None,
          'probabilities': dict.fromkeys(class_names)}
   if probs is not None:
     row['probabilities'] = {name: float(p) for name, p in zip(class_names, probs)}
@@ -100,6 +112,12 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
     if m is not None:
       row['melanoma_probability'] = float(probs[m])
       row['melanoma_alert'] = None if threshold is None else bool(probs[m] >= threshold)
+    if ood_score is not None and ood_threshold is not None:
+      row['in_distribution'] = ood_score <= ood_threshold
+      if not row['in_distribution']:
+        row['melanoma_alert'] = None
+        row['refused'] = (f'not like the training lesions (out-of-distribution score {ood_score:.4g} > '
+                          f'{ood_threshold:.4g}): no melanoma alert; check that it is a dermoscopic lesion image')
   return row
 
 
@@ -113,8 +131,8 @@ def _cell(value: Any) -> Any:
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
-  columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert',
-             *(f'p_{name}' for name in class_names), 'error']
+  columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
+             'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
   with path.open('w', newline='') as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
@@ -141,19 +159,39 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
-          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta)]
+  temperature = _run_file(calibration.read(args.workdir), state, 'calibration')
+  detector = _run_file(ood.read(args.workdir), state, 'out-of-distribution detector')
+  scorer = ood.scorer(detector) if detector else None
+  rows = []
+  for path, probs, error, score in predict_files(state, find_images(args.paths), config.image_size,
+                                                 args.batch_size, args.tta, scorer):
+    if probs is not None and temperature:
+      probs = calibration.scale(probs, temperature['temperature'])
+    rows.append(prediction_row(path, probs, error, class_names, threshold, score,
+                               detector and detector['threshold']))
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
   if args.json:
     output.with_suffix('.json').write_text(json.dumps({
         'workdir': args.workdir, 'step': int(state.step), 'class_names': class_names,
-        'threshold': threshold, 'tta': args.tta, 'predictions': rows}, indent=2))
+        'threshold': threshold, 'tta': args.tta,
+        'temperature': temperature and temperature['temperature'],
+        'ood_threshold': detector and detector['threshold'], 'predictions': rows}, indent=2))
   errors = sum(row['error'] is not None for row in rows)
   alerts = sum(bool(row['melanoma_alert']) for row in rows)
-  print(f'{len(rows)} images ({errors} unreadable), {alerts} melanoma alerts at threshold '
-        f'{threshold}: {output}')
+  refused = sum(row['in_distribution'] is False for row in rows)
+  print(f'{len(rows)} images ({errors} unreadable, {refused} refused as unlike the training lesions), '
+        f'{alerts} melanoma alerts at threshold {threshold}: {output}')
+
+
+def _run_file(stored: dict[str, Any] | None, state: steps.TrainState, what: str) -> dict[str, Any] | None:
+  """A file the run stored for its best checkpoint, with a warning when `state` is another one."""
+  step = stored and (stored['checkpoint']['step'] if 'checkpoint' in stored else stored['step'])
+  if stored and step != int(state.step):
+    print(f"Warning: the run's {what} was fitted for step {step}, not step {int(state.step)}.",
+          file=sys.stderr)
+  return stored
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, layers,
-                          metrics as metrics_lib, models, optim, preemption, reporting, steps)
+from melanoma_jax import (calibration, checkpointing, distributed, evaluation, input_pipeline, intervals,
+                          layers, metrics as metrics_lib, models, ood, optim, preemption, reporting, steps)
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -256,11 +256,15 @@ def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[
   full = evaluation.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {
       'step': int(state.step), 'epoch': best['epoch'], 'selected_by': 'lowest validation loss'})
   result.update(full.predictions.summary('test'))
+  detector = ood.fit(state, data, config.batch_size, full.report['checkpoint'])
+  full.report['out_of_distribution'] = detector['summary']
+  ood.write(workdir, detector)
   evaluation.write_reports(workdir, full)
   evaluation.write_operating_point(workdir, full.report['operating_point'])
+  calibration.write(workdir, full.report['calibration'])
   test = full.report['splits']['test']
-  result['test_macro_roc_auc'] = test['macro_roc_auc']
-  result.update({f'test_melanoma_{k}': (test['melanoma'] or {}).get(k)
+  result['test_macro_roc_auc'] = intervals.value(test['macro_roc_auc'])
+  result.update({f'test_melanoma_{k}': intervals.value((test['melanoma'] or {}).get(k))
                  for k in ('threshold', 'roc_auc', 'sensitivity', 'specificity')})
   if jax.process_index() == 0:
     (workdir / 'test_metrics.json').write_text(json.dumps(result, indent=2))

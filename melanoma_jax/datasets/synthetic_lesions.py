@@ -515,6 +515,10 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
       SyntheticLesionsConfig(
           name='tiny', image_size=32, train_scale=0.1, test_per_class=4,
           description='ISIC train counts / 10 (still imbalanced), 4 test images a class, 32px.'),
+      SyntheticLesionsConfig(
+          name='small', image_size=32, train_scale=0.25, test_per_class=12,
+          description='ISIC train counts / 4, 12 test images a class, 32px: enough validation and '
+          'Test images to measure rates near 95% (out-of-distribution refusal).'),
   ]
   DEFAULT_CONFIG_NAME = 'full'
 
