@@ -483,7 +483,8 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
     if after:
       if f'reliability_{key}_before' in effect:
         panels[f'{title}\nbefore temperature scaling'] = effect[f'reliability_{key}_before']
-      panels[f'{title}\n' + ('after temperature scaling' if effect else '')] = after
+      scaled = f'after temperature scaling (T = {full["calibration"]["temperature"]:.2f})' if effect else ''
+      panels[f'{title}\n{scaled}'] = after
   plots.reliability_diagrams(directory / plots.RELIABILITY_PNG, panels)
 
 

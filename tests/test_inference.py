@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_jax import evaluate, evaluation, inference, plots, saliency, train
+from melanoma_jax import calibration, evaluate, evaluation, inference, ood, plots, saliency, train
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +34,11 @@ def test_training_leaves_reports_plots_and_the_operating_point(run):
   assert operating_point['target_sensitivity'] == 0.9
   validation = report['splits']['val']['melanoma']
   assert validation['threshold'] == operating_point['threshold']
-  assert validation['sensitivity'] >= 0.9
+  assert validation['sensitivity']['value'] >= 0.9
+  lo, hi = validation['sensitivity']['ci95']
+  assert lo <= validation['sensitivity']['value'] <= hi
+  assert calibration.read(run) == report['calibration'] and report['calibration']['temperature'] > 0
+  assert ood.read(run)['threshold'] == report['out_of_distribution']['threshold']
   assert report['splits']['test']['melanoma']['threshold'] == operating_point['threshold']
   assert 'Melanoma alert' in (run / evaluation.REPORT_MD).read_text()
   for png in ('curves.png', *plots.REPORT_PLOTS.values()):
@@ -70,7 +74,10 @@ def test_predict_gives_every_file_a_row_and_the_corrupt_one_its_error(run, tmp_p
     assert row['error'] == '' and probs.sum() == pytest.approx(1, abs=1e-5)
     assert row['predicted_class'] == class_names[int(np.argmax(probs))]
     assert row['melanoma_probability'] == row['p_melanoma']
-    assert row['melanoma_alert'] == ('yes' if float(row['p_melanoma']) >= threshold else 'no')
+    if row['in_distribution'] == 'no':  # Random pixels are no lesion: refused, no alert.
+      assert row['melanoma_alert'] == '' and row['refused']
+    else:
+      assert row['melanoma_alert'] == ('yes' if float(row['p_melanoma']) >= threshold else 'no')
 
 
 def test_tta_averages_the_eight_flips_and_rotations(restored):
