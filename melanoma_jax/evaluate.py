@@ -3,9 +3,10 @@
   python -m melanoma_jax.evaluate --workdir=runs/balanced [--step=N] [--split=test] [--output_dir=DIR]
 
 Writes report.json, report.md and the plots (as at the end of training) to
-DIR, by default WORKDIR/evaluation/<split>-step<N>/. The melanoma threshold
-is chosen on validation for this checkpoint; training's own is in
-WORKDIR/operating_point.json and is left alone.
+DIR, by default WORKDIR/evaluation/<split>-step<N>/. The temperature and the
+melanoma threshold are fitted on validation for this checkpoint (for the
+best one they equal training's); training's own are in
+WORKDIR/calibration.json and operating_point.json and are left alone.
 """
 
 import math

@@ -275,7 +275,7 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
 
 
 def calibration_effect(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray,
-           melanoma: int | None) -> dict[str, Any]:
+                       melanoma: int | None) -> dict[str, Any]:
   """ECE and NLL before and after scaling, and the reliability bins before, of one split."""
   labels = np.asarray(labels)
   result = {'nll_before': calibration.negative_log_likelihood(raw, labels),
@@ -289,7 +289,6 @@ def calibration_effect(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarr
         probability(calibrated), outcome(calibrated))
     result[f'reliability_{name}_before'] = reliability(probability(raw), outcome(raw))
   return result
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,5 +97,15 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
         assert entry['specificity']['value'] == pytest.approx(sk.recall_score(~y, s < threshold))
   assert any(e['too_few_cases'] for e in report['site'] if e['subgroup'] == 'acral')
   assert 'too few cases' in '\n'.join(subgroups.to_markdown(report, 'Test'))
+  probs = np.stack([1 - p, p], axis=1)
+  split = intervals.add_intervals(evaluation.report(probs, positive.astype(int), ('other', 'melanoma'),
+                                                    threshold), probs, positive.astype(int),
+                                  ('other', 'melanoma'), num_resamples=100)
+  markdown = evaluation.to_markdown({
+      'split': 'test', 'class_names': ['other', 'melanoma'], 'calibration_binning': '',
+      'operating_point': {'threshold': threshold, 'target_sensitivity': 0.9},
+      'checkpoint': {'step': 1, 'epoch': 1, 'selected_by': 'x'}, 'splits': {'test': split},
+      'subgroups': report})
+  assert '## Subgroups (Test; melanoma vs rest)' in markdown and '| acral |' in markdown
   with pytest.raises(ValueError, match="'sex' has 3 values"):
     subgroups.subgroup_report({'sex': ['m', 'f', 'm']}, p, positive, threshold)
