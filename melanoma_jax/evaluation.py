@@ -300,15 +300,15 @@ class Evaluation:
 
 def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, split: str,
                         target_sensitivity: float, batch_size: int,
-                        checkpoint: dict[str, Any],
-                        attributes: dict[str, np.ndarray] | None = None) -> Evaluation:
+                        checkpoint: dict[str, Any]) -> Evaluation:
   """Reports on validation and `split`, at a melanoma threshold chosen on validation.
 
   Probabilities are temperature-scaled with a temperature fitted on
   validation, and the threshold is chosen on the scaled ones. `checkpoint`
   (step, epoch, how it was selected) is recorded in the report, the
-  calibration and the operating point. `attributes` (name -> a value per
-  example of `split`: sex, age, site) adds per-subgroup melanoma results.
+  calibration and the operating point. Where the split's examples carry
+  patient attributes (`extras` age, sex, site), the report adds per-subgroup
+  melanoma results.
   """
   examples = {'train': data.train, 'val': data.val, 'test': data.test}
   raw = {name: gather_predictions(state, examples[name], batch_size)
@@ -341,6 +341,8 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
                                                p.probs, p.labels, data.class_names)
                  for name, p in predictions.items()},
   }
+  attributes = {name: values for name, values in getattr(examples[split], 'extras', {}).items()
+                if name in subgroups.ATTRIBUTES}
   if attributes and m is not None:
     full['subgroups'] = subgroups.subgroup_report(
         attributes, predictions[split].probs[:, m], predictions[split].labels == m, threshold)

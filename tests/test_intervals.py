@@ -1,5 +1,6 @@
 """Confidence intervals against scipy's exact binomial test and a plain-loop bootstrap with scikit-learn."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk
 
-from melanoma_jax import evaluation, intervals, subgroups
+from melanoma_jax import evaluation, input_pipeline, intervals, subgroups, train
 
 
 @pytest.mark.parametrize('k,n', [(14, 16), (0, 10), (10, 10), (1, 1), (37, 118)])
@@ -109,3 +110,29 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
   assert '## Subgroups (Test; melanoma vs rest)' in markdown and '| acral |' in markdown
   with pytest.raises(ValueError, match="'sex' has 3 values"):
     subgroups.subgroup_report({'sex': ['m', 'f', 'm']}, p, positive, threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithAttributes(input_pipeline.Examples):
+  """Examples as builders with patient metadata give them."""
+  extras: dict = dataclasses.field(default_factory=dict)
+
+
+def test_report_has_subgroups_when_the_examples_carry_attributes(tiny_config):
+  state = train.build_state(tiny_config, 9, 0.9)
+  rng = np.random.default_rng(5)
+  n = 40
+  labels = np.tile(np.arange(9), 5)[:n].astype(np.int32)
+  plain = input_pipeline.Examples(rng.integers(0, 256, (n, 32, 32, 3), np.uint8), labels,
+                                  np.array([f'{i}.png' for i in range(n)]), np.array([''] * n))
+  extras = {'age': rng.choice([-1, 25, 50, 80], n), 'sex': rng.choice(['female', 'male', ''], n),
+            'source': np.zeros(n)}
+  test = _WithAttributes(*dataclasses.astuple(plain)[:4], extras)
+  names = tuple(f'c{c}' for c in range(8)) + ('melanoma',)
+  checkpoint = {'step': 1, 'epoch': 1, 'selected_by': 'x'}
+  full = evaluation.evaluate_checkpoint(state, input_pipeline.Data(plain, plain, test, names), 'test', 0.9, 8,
+                                        checkpoint).report
+  assert set(full['subgroups']) == {'age', 'sex'}
+  assert sum(e['images'] for e in full['subgroups']['sex']) == n
+  assert 'subgroups' not in evaluation.evaluate_checkpoint(
+      state, input_pipeline.Data(plain, plain, plain, names), 'test', 0.9, 8, checkpoint).report
