@@ -45,7 +45,8 @@ def features_and_logits(state: steps.TrainState, images: jax.Array) -> tuple[jax
   """(penultimate features [B, D] float32, logits [B, K]) in evaluation mode.
 
   The features are the input of the model's Dense `head`, captured on the
-  way in, so the model runs once.
+  way in, so the model runs once. A model that wraps another (a backbone
+  with its own `head`) calls its own classifier last: the last call counts.
   """
   captured = []
 
@@ -57,10 +58,10 @@ def features_and_logits(state: steps.TrainState, images: jax.Array) -> tuple[jax
   with nn.intercept_methods(capture_head_input):
     logits = state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                                train=False)
-  if len(captured) != 1:
-    raise ValueError(f'{type(state.model).__name__} called a Dense layer named {HEAD!r} '
-                     f'{len(captured)} times; out-of-distribution scores need exactly one (the classifier).')
-  features = captured[0]
+  if not captured:
+    raise ValueError(f'{type(state.model).__name__} has no Dense layer named {HEAD!r} (the classifier); '
+                     'out-of-distribution scores need its input.')
+  features = captured[-1]
   return jnp.asarray(features.reshape(features.shape[0], -1), jnp.float32), jnp.asarray(logits, jnp.float32)
 
 

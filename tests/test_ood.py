@@ -51,7 +51,7 @@ def test_features_are_the_input_of_any_models_head():
   np.testing.assert_allclose(features, hidden, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(logits, hidden @ params['head']['kernel'] + params['head']['bias'],
                              rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="Dense layer named 'head' 0 times"):
+  with pytest.raises(ValueError, match="no Dense layer named 'head'"):
     ood.features_and_logits(_state(_Headless()), images)
 
 
