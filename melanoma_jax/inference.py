@@ -8,8 +8,9 @@ class, p(melanoma), and the alert flag at the threshold the run chose on
 validation (`operating_point.json`), on probabilities calibrated by the
 run's temperature (`calibration.json`). An image unlike the training lesions
 (`ood.npz`) is refused: `in_distribution` no, no alert, and `refused` says
-why. An unreadable file gets its error in its row. --json also writes the same as JSON next to the CSV; --tta averages
-the 8 flips and rotations of each image.
+why. An unreadable file gets its error in its row. --json also writes the
+same as JSON next to the CSV; --tta averages the 8 flips and rotations of
+each image.
 """
 
 import csv
@@ -130,7 +131,8 @@ def _cell(value: Any) -> Any:
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
-  """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
+  """Flat columns: file, predicted class, p(melanoma), alert (yes/no), in distribution (yes/no),
+  out-of-distribution score, p_<class>..., why refused, error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
              'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
   with path.open('w', newline='') as f:
@@ -159,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  temperature = _run_file(calibration.read(args.workdir), state, 'calibration')
-  detector = _run_file(ood.read(args.workdir), state, 'out-of-distribution detector')
+  temperature = _for_this_step(calibration.read(args.workdir), state, 'calibration')
+  detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
   scorer = ood.scorer(detector) if detector else None
   rows = []
   for path, probs, error, score in predict_files(state, find_images(args.paths), config.image_size,
@@ -185,12 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'{alerts} melanoma alerts at threshold {threshold}: {output}')
 
 
-def _run_file(stored: dict[str, Any] | None, state: steps.TrainState, what: str) -> dict[str, Any] | None:
+def _for_this_step(stored: dict[str, Any] | None, state: steps.TrainState, what: str) -> dict[str, Any] | None:
   """A file the run stored for its best checkpoint, with a warning when `state` is another one."""
-  step = stored and (stored['checkpoint']['step'] if 'checkpoint' in stored else stored['step'])
-  if stored and step != int(state.step):
-    print(f"Warning: the run's {what} was fitted for step {step}, not step {int(state.step)}.",
-          file=sys.stderr)
+  if stored and stored['checkpoint']['step'] != int(state.step):
+    print(f"Warning: the run's {what} was fitted for step {stored['checkpoint']['step']}, not step "
+          f'{int(state.step)}.', file=sys.stderr)
   return stored
 
 

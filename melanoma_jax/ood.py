@@ -187,6 +187,6 @@ def read(workdir: epath.PathLike) -> dict[str, Any] | None:
     return None
   with path.open('rb') as f, np.load(f) as stored:
     detector = {k: stored[k] for k in stored.files}
-  detector['method'] = str(detector['method'])
-  detector['threshold'], detector['step'] = float(detector['threshold']), int(detector['step'])
+  detector['method'], detector['threshold'] = str(detector['method']), float(detector['threshold'])
+  detector['checkpoint'] = {'step': int(detector.pop('step'))}
   return detector
