@@ -187,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'{alerts} melanoma alerts at threshold {threshold}: {output}')
 
 
-def _for_this_step(stored: dict[str, Any] | None, state: steps.TrainState, what: str) -> dict[str, Any] | None:
+def _for_this_step(stored: dict[str, Any] | None, state: steps.TrainState,
+                   what: str) -> dict[str, Any] | None:
   """A file the run stored for its best checkpoint, with a warning when `state` is another one."""
   if stored and stored['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's {what} was fitted for step {stored['checkpoint']['step']}, not step "
