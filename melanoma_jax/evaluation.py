@@ -478,7 +478,8 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   plots.roc_curves(directory / plots.ROC_PNG, curves, datasets.MELANOMA if melanoma else None, alert)
   effect = full.get('calibration_effect', {}).get(full['split'], {})
   panels = {}
-  for key, title, after in (('top_class', 'top class (outcome: prediction correct)', evaluated['reliability']),
+  for key, title, after in (('top_class', 'top class (outcome: prediction correct)',
+                             evaluated['reliability']),
                             ('melanoma', 'p(melanoma) (outcome: is melanoma)',
                              melanoma and melanoma['reliability'])):
     if after:

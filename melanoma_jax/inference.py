@@ -117,8 +117,9 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
       row['in_distribution'] = ood_score <= ood_threshold
       if not row['in_distribution']:
         row['melanoma_alert'] = None
-        row['refused'] = (f'not like the training lesions (out-of-distribution score {ood_score:.4g} > '
-                          f'{ood_threshold:.4g}): no melanoma alert; check that it is a dermoscopic lesion image')
+        row['refused'] = (f'not like the training lesions (out-of-distribution score {ood_score:.4g} '
+                          f'> {ood_threshold:.4g}): no melanoma alert; check that it is a dermoscopic '
+                          'lesion image')
   return row
 
 

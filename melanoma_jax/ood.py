@@ -15,7 +15,8 @@ Scores, higher meaning further from the training data:
 The threshold is chosen on validation so that PASS_FRACTION of its images
 pass. Measured on the synthetic lesions, Mahalanobis separates photographs
 from lesions and energy does not (the network is as sure of itself on a
-photograph as on a lesion), so Mahalanobis is the default. The features are captured with `flax.linen.intercept_methods`, so any
+photograph as on a lesion), so Mahalanobis is the default. The features are
+captured with `flax.linen.intercept_methods`, so any
 model with a `head` Dense works unchanged.
 """
 
@@ -51,7 +52,8 @@ def features_and_logits(state: steps.TrainState, images: jax.Array) -> tuple[jax
   captured = []
 
   def capture_head_input(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.Dense) and context.module.name == HEAD and context.method_name == '__call__':
+    module = context.module
+    if isinstance(module, nn.Dense) and module.name == HEAD and context.method_name == '__call__':
       captured.append(args[0])
     return next_fun(*args, **kwargs)
 

@@ -83,7 +83,8 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
   }
   threshold = 0.5
   report = subgroups.subgroup_report(attributes, p, positive, threshold, num_resamples=200)
-  assert [e['subgroup'] for e in report['age']] == sorted(['<30', '30-44', '45-59', '60-74', '75+', 'unknown'])
+  assert [e['subgroup'] for e in report['age']] == sorted(
+      ['<30', '30-44', '45-59', '60-74', '75+', 'unknown'])
   for name, values in attributes.items():
     groups = subgroups._groups(name, values)  # pylint: disable=protected-access
     for entry in report[name]:
