@@ -16,8 +16,8 @@ The threshold is chosen on validation so that PASS_FRACTION of its images
 pass. Measured on the synthetic lesions, Mahalanobis separates photographs
 from lesions and energy does not (the network is as sure of itself on a
 photograph as on a lesion), so Mahalanobis is the default. The features are
-captured with `flax.linen.intercept_methods`, so any
-model with a `head` Dense works unchanged.
+captured with `flax.linen.intercept_methods`, so any model with a `head`
+Dense works unchanged.
 """
 
 import math
