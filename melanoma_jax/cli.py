@@ -28,3 +28,11 @@ def restore(args: argparse.Namespace) -> tuple[steps.TrainState, ml_collections.
     return train.restore_for_inference(args.workdir, args.step)
   except FileNotFoundError as e:
     sys.exit(f'Error: {e}')
+
+
+def stored_image_size(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> int:
+  """The side the run's dataset stored images at, which files are decoded to before resizing.
+
+  Runs from before it was recorded decode files straight to `image_size`.
+  """
+  return meta.get('stored_image_size') or config.image_size

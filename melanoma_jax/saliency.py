@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
 
-from melanoma_jax import cli, plots, runtime, steps
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import cli, plots, preprocessing, runtime, steps
 
 # SeedCNN: bn4 takes relu(conv4), the rectified maps of the last convolution,
 # which sits after two 2x2 poolings (a feature-map pixel per 4 image pixels).
@@ -91,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   try:
-    pixels = image_folders.decode_image(args.image, config.image_size).pixels
+    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
-  except (image_folders.UnreadableImageError, ValueError) as e:
+  except (preprocessing.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {args.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
   plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
