@@ -16,11 +16,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, preprocessing, runtime, steps
+from melanoma_jax import cli, evaluation, preprocessing, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -115,7 +120,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=int, default=32)
@@ -147,5 +152,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()
