@@ -218,6 +218,18 @@ def _index_stream(labels: np.ndarray, balance: bool, num_classes: int, seed: int
       per_class, weights=[1.0 / num_classes] * num_classes, seed=seed)
 
 
+def expected_draws_per_class(labels: np.ndarray, num_classes: int, balance: bool,
+                             num_draws: int) -> np.ndarray:
+  """How many examples of each class `num_draws` draws of the training stream hold, in expectation.
+
+  Balanced, every class is equally likely per draw; otherwise each class
+  comes up as often as it is stored.
+  """
+  if balance:
+    return np.full(num_classes, num_draws / num_classes)
+  return np.bincount(labels, minlength=num_classes) * num_draws / len(labels)
+
+
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
                   epoch: int, num_steps: int, skip_steps: int = 0) -> Iterator[Batch]:
   """One epoch of this host's training batches, [local_devices, per_device, ...].

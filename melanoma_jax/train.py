@@ -20,7 +20,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, layers,
-                          metrics as metrics_lib, models, optim, preemption, reporting, steps)
+                          metrics as metrics_lib, model_summary, models, optim, preemption, reporting,
+                          steps)
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -152,6 +153,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, build_state(config, outputs, bn_momentum), workdir)
+  reporting.write_model_summary(workdir, model_summary.layer_table(
+      state.model, (config.image_size, config.image_size, 3), train=False))
+  if not meta:
+    reporting.plot_dataset_overview(workdir, data, input_pipeline.expected_draws_per_class(
+        data.train.labels, num_classes, config.balance_classes, epoch_steps * config.batch_size))
   # Replicated on this host's devices, as the pmapped step returns it: the
   # step donates the state, and donation that needs resharding fails on
   # multi-host pmap.
