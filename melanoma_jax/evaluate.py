@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                           epath.Path(args.workdir) / 'evaluation' / f'{args.split}-step{step}')
   evaluation.write_reports(output_dir, result)
   if jax.process_index() == 0:
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON} and plots.')
+    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
+          f'{evaluation.PREDICTIONS_CSV} and plots.')
 
 
 if __name__ == '__main__':

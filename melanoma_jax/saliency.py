@@ -9,6 +9,7 @@ and upsamples it onto the image. So a clinician can check that an alert
 rests on the lesion, not on a ruler, hair or the vignette.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except (preprocessing.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {args.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
   plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
                          f'(p={probs[index]:.3f}; predicted {class_names[int(np.argmax(probs))]})')
   print(f'Wrote {args.output}')
