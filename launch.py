@@ -34,9 +34,11 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # The console is for our progress: libraries' INFO lines (TFDS, JAX, orbax) stay out.
+  # The console is for our progress: libraries' INFO lines (TFDS, JAX) stay out, and
+  # orbax's lines (every checkpoint I/O step, how long a save waited) altogether.
   logging.get_absl_handler().addFilter(
       runtime.show_info_only_from(os.path.dirname(runtime.__file__), __file__))
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
