@@ -28,9 +28,6 @@ from melanoma_jax import runtime
 from melanoma_jax.datasets import ISIC_CLASSES, isic_skin_cancer
 from test_real_builders import _tree
 
-# One pytest-xdist worker runs them all, so the trained runs are shared (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('readme_commands')
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / 'README.md'
 TIMEOUT = 300  # seconds per command; a hang fails the test
