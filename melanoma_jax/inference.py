@@ -13,18 +13,22 @@ same as JSON next to the CSV; --tta averages the 8 flips and rotations of
 each image.
 """
 
-import csv
 import json
 import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import calibration, cli, evaluation, ood, runtime, steps
+from melanoma_jax import calibration, cli, evaluation, ood, preprocessing, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -60,29 +64,31 @@ def predict_tta(state: steps.TrainState, images: jax.Array) -> jax.Array:
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
 
 
-def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'no such file'
   try:
-    return image_folders.decode_image(path, image_size).pixels, None
-  except image_folders.UnreadableImageError as e:
+    return preprocessing.model_input(path, stored_size, image_size), None
+  except preprocessing.UnreadableImageError as e:
     return None, str(e)
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False,
+                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
   """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
 
-  Files are decoded a batch at a time; every batch is padded to
-  `batch_size`, so the jitted predict compiles once. The out-of-distribution
-  score is of the image as given (not its TTA views).
+  Files are decoded as the run's dataset stored its images (`stored_size`,
+  default `image_size`) and resized as training resized them
+  (`preprocessing.model_input`). They are decoded a batch at a time; every
+  batch is padded to `batch_size`, so the jitted predict compiles once. The
+  out-of-distribution score is of the image as given (not its TTA views).
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -123,31 +129,19 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
-def _cell(value: Any) -> Any:
-  if value is None:
-    return ''
-  if isinstance(value, bool):
-    return 'yes' if value else 'no'
-  return f'{value:.6f}' if isinstance(value, float) else value
-
-
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), in distribution (yes/no),
   out-of-distribution score, p_<class>..., why refused, error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
              'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
-  with path.open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      flat = {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}}
-      writer.writerow({c: _cell(flat[c]) for c in columns})
+  evaluation.write_csv(path, columns, [
+      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=int, default=32)
@@ -167,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   scorer = ood.scorer(detector) if detector else None
   rows = []
   for path, probs, error, score in predict_files(state, find_images(args.paths), config.image_size,
-                                                 args.batch_size, args.tta, scorer):
+                                                 args.batch_size, args.tta,
+                                                 cli.stored_image_size(config, meta), scorer):
     if probs is not None and temperature:
       probs = calibration.scale(probs, temperature['temperature'])
     rows.append(prediction_row(path, probs, error, class_names, threshold, score,
@@ -198,5 +193,4 @@ def _for_this_step(stored: dict[str, Any] | None, state: steps.TrainState,
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

@@ -15,7 +15,6 @@ from scipy.spatial import distance
 from sklearn import covariance as sk_covariance, datasets as sk_datasets
 
 from melanoma_jax import calibration, evaluation, inference, ood, steps, train
-from melanoma_jax.datasets import image_folders
 
 
 class _OtherModel(nn.Module):
@@ -135,7 +134,7 @@ def test_inference_applies_the_runs_temperature(lesion_run, tmp_path):
   inference.main(['--workdir', str(lesion_run), '--output', str(output), '--json', str(tmp_path / 'x.png')])
   row = json.loads(output.with_suffix('.json').read_text())['predictions'][0]
   state, config, meta = train.restore_for_inference(str(lesion_run))
-  raw = np.asarray(steps.predict(state, image_folders.decode_image(tmp_path / 'x.png', 32).pixels[None]))[0]
+  [(_, raw, _, _)] = inference.predict_files(state, [tmp_path / 'x.png'], config.image_size)
   expected = special.softmax(np.log(raw) / stored['temperature'])
   np.testing.assert_allclose([row['probabilities'][c] for c in meta['class_names']], expected, rtol=1e-4)
 
