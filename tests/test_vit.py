@@ -1,0 +1,130 @@
+"""ViT against timm's own forward pass on big_vision / AugReg `.npz` weights.
+
+The golden fixtures (scripts/make_golden_vit.py) hold a reduced ViT's random
+weights in both checkpoint layouts and the logits timm computes after
+loading them with its own npz loader.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from melanoma_jax import models
+from melanoma_jax.models import vit, weight_files
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+REFERENCE = np.load(os.path.join(FIXTURES, 'vit_golden_reference.npz'))
+GRID = 3  # 48-pixel images, 16-pixel patches
+
+
+def reduced(gelu_approximate: bool = True) -> vit.ViT:
+  """The architecture of the fixtures (make_golden_vit.py)."""
+  return vit.ViT(num_classes=5, width=48, depth=2, num_heads=3, mlp_dim=96,
+                 gelu_approximate=gelu_approximate)
+
+
+def read(layout: str) -> dict[str, np.ndarray]:
+  return weight_files.read_npz(os.path.join(FIXTURES, f'vit_golden_{layout}.npz'))
+
+
+def assert_logits_equal(logits: np.ndarray, expected: np.ndarray) -> None:
+  assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def _with_prefix(arrays, prefix):
+  """A whole training checkpoint: parameters under `prefix`, optimizer state beside them."""
+  return {**{prefix + k: v for k, v in arrays.items()}, 'opt/state/step': np.zeros(())}
+
+
+def _scanned(arrays):
+  """Blocks stacked along a leading depth axis, as big_vision's scanned encoder stores them."""
+  out = {k: v for k, v in arrays.items() if not k.startswith('Transformer/encoderblock_')}
+  for name in {k.split('/', 2)[2] for k in arrays if k.startswith('Transformer/encoderblock_0/')}:
+    out[f'Transformer/encoderblock/{name}'] = np.stack(
+        [arrays[f'Transformer/encoderblock_{i}/{name}'] for i in range(2)])
+  return out
+
+
+@pytest.mark.parametrize('layout, transform', [
+    ('augreg', lambda a: a),
+    ('big_vision', lambda a: a),
+    ('augreg', lambda a: _with_prefix(a, 'opt/target/')),
+    ('big_vision', lambda a: _with_prefix(a, 'params/')),
+    ('big_vision', _scanned),
+])
+def test_logits_equal_timm(layout, transform):
+  module = reduced()
+  variables = vit.convert_big_vision(transform(read(layout)), module)
+  logits = module.apply(variables, REFERENCE['images'], train=False)
+  assert logits.dtype == jnp.float32
+  assert_logits_equal(logits, REFERENCE['logits_gelu_tanh'])
+
+
+def test_erf_gelu_logits_equal_timm_default():
+  module = reduced(gelu_approximate=False)
+  logits = module.apply(vit.convert_big_vision(read('augreg'), module), REFERENCE['images'], train=False)
+  assert_logits_equal(logits, REFERENCE['logits_gelu_erf'])
+
+
+def test_position_embeddings_resampled_like_big_vision():
+  """A 3x3 grid checkpoint fine-tuned at 80 px (5x5): bilinear zoom of the grid, class entry kept."""
+  module = reduced()
+  pretrained = vit.convert_big_vision(read('augreg'), module)
+  template = vit.variable_shapes(module, (5, 5))
+  adapted = vit.adapt(pretrained, template)
+
+  old = read('augreg')['Transformer/posembed_input/pos_embedding']
+  expected_grid = scipy.ndimage.zoom(old[0, 1:].reshape(GRID, GRID, -1), (5 / GRID, 5 / GRID, 1), order=1)
+  new = adapted['params']['pos_embedding']
+  assert new.shape == template['params']['pos_embedding'].shape == (1, 26, 48)
+  np.testing.assert_array_equal(new[:, 0], old[:, 0])
+  np.testing.assert_allclose(new[0, 1:].reshape(5, 5, -1), expected_grid, rtol=1e-6, atol=1e-6)
+  logits = module.apply(adapted, np.zeros((2, 80, 80, 3), np.uint8), train=False)
+  assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize('constructor, expected', [(vit.ViTS16, 22_050_664), (vit.ViTB16, 86_567_656)])
+def test_parameter_counts_equal_timm(constructor, expected):
+  shapes = vit.variable_shapes(constructor(num_classes=1000), (14, 14))  # 224 px
+  assert list(shapes) == ['params']  # no BatchNorm statistics
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda a: a.pop('Transformer/encoderblock_1/LayerNorm_2/bias'),
+     'lack Transformer/encoderblock_1/LayerNorm_2/bias'),
+    (lambda a: a.update({'head/bias': np.zeros(7, np.float32)}), r'head/bias has shape \(7,\)'),
+    (lambda a: a.update({'pre_logits/kernel': np.zeros((48, 48), np.float32)}), 'hold pre_logits/kernel'),
+    (lambda a: a.update({'Transformer/encoderblock_2/LayerNorm_0/scale': np.ones(48, np.float32)}),
+     'hold Transformer/encoderblock_2/LayerNorm_0/scale'),
+])
+def test_bad_weights_name_the_tensor(edit, message):
+  arrays = read('augreg')
+  edit(arrays)
+  with pytest.raises(ValueError, match=message):
+    vit.convert_big_vision(arrays, reduced())
+
+
+def test_load_pretrained_refuses_another_size():
+  with pytest.raises(ValueError, match=r'cls has shape \(1, 1, 48\); expected \(1, 1, 384\)'):
+    models.load_pretrained('vit_s16', os.path.join(FIXTURES, 'vit_golden_augreg.npz'))
+
+
+def test_grad_cam_features_reach_the_logits():
+  """The marked map (the last block's input patch tokens) has a non-zero gradient."""
+  module = reduced()
+  variables = vit.convert_big_vision(read('augreg'), module)
+  image = REFERENCE['images'][:1]
+  _, marked = module.apply(variables, image, train=False, mutable=['intermediates', 'perturbations'])
+  assert marked['intermediates'][models.FEATURES][0].shape == (1, GRID, GRID, 48)
+
+  def score(perturbations):
+    return module.apply({**variables, 'perturbations': perturbations}, image, train=False)[0, 2]
+
+  gradients = jax.jit(jax.grad(score))(marked['perturbations'])[models.FEATURES]
+  assert gradients.shape == (1, GRID, GRID, 48)
+  assert np.all(np.abs(np.asarray(gradients)).sum(axis=-1) > 0)
