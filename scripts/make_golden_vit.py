@@ -13,7 +13,8 @@ timm's `VisionTransformer` loads each with its own npz loader
 (`load_pretrained`, i.e. `_load_weights`) and computes the logits of a few
 deterministic uint8 images with its AugReg preprocessing (mean = std = 0.5),
 with the tanh GELU the JAX code bases use and with timm's default erf GELU;
-vit_golden_reference.npz keeps images and logits.
+vit_golden_reference.npz keeps images and logits, and
+vit_golden_timm.safetensors timm's state dict of that model (fused `attn.qkv`).
 
 Needs torch and timm, so it is run by hand, never by the tests:
   /work/torchenv/bin/python scripts/make_golden_vit.py
@@ -29,6 +30,7 @@ import numpy as np
 # operators are missing and importing it fails in `_meta_registrations`,
 # which registers fakes for them. timm uses none of them.
 sys.modules['torchvision._meta_registrations'] = types.ModuleType('torchvision._meta_registrations')
+import safetensors.torch  # noqa: E402
 import timm.models.vision_transformer as timm_vit  # noqa: E402
 import torch  # noqa: E402
 
@@ -100,7 +102,8 @@ def images() -> np.ndarray:
   return np.stack([noise, ramp, checker, disc]).round().clip(0, 255).astype(np.uint8)
 
 
-def timm_logits(weights_path: str, pixels: np.ndarray, act_layer: str, no_embed_class: bool) -> np.ndarray:
+def timm_model(weights_path: str, act_layer: str, no_embed_class: bool) -> torch.nn.Module:
+  """timm's ViT of the fixture's size, loaded by timm's own npz loader."""
   model = timm_vit.VisionTransformer(
       img_size=IMAGE_SIZE, patch_size=PATCH, num_classes=CLASSES, embed_dim=WIDTH, depth=DEPTH,
       num_heads=HEADS, mlp_ratio=MLP_DIM / WIDTH, act_layer=act_layer, no_embed_class=no_embed_class)
@@ -110,7 +113,10 @@ def timm_logits(weights_path: str, pixels: np.ndarray, act_layer: str, no_embed_
   model.load_pretrained(weights_path)
   missing = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
   assert not missing, f'timm did not load {missing}'
-  model.eval()
+  return model.eval()
+
+
+def logits(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
   # timm's AugReg preprocessing: /255, then mean = std = 0.5.
   x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
   with torch.no_grad():
@@ -124,18 +130,20 @@ def main() -> None:
   np.savez(paths['augreg'], **augreg)
   np.savez(paths['big_vision'], **big_vision_weights(augreg))
   pixels = images()
+  timm_erf = timm_model(paths['augreg'], 'gelu', False)
+  safetensors.torch.save_file(timm_erf.state_dict(), os.path.join(FIXTURES, 'vit_golden_timm.safetensors'))
   reference = {
       'images': pixels,
-      'logits_gelu_tanh': timm_logits(paths['augreg'], pixels, 'gelu_tanh', False),
-      'logits_gelu_erf': timm_logits(paths['augreg'], pixels, 'gelu', False),
-      'logits_big_vision_gelu_tanh': timm_logits(paths['big_vision'], pixels, 'gelu_tanh', True),
+      'logits_gelu_tanh': logits(timm_model(paths['augreg'], 'gelu_tanh', False), pixels),
+      'logits_gelu_erf': logits(timm_erf, pixels),
+      'logits_big_vision_gelu_tanh': logits(timm_model(paths['big_vision'], 'gelu_tanh', True), pixels),
   }
   np.savez(os.path.join(FIXTURES, 'vit_golden_reference.npz'), **reference)
   scale = np.abs(reference['logits_gelu_tanh']).max()
-  for name, logits in reference.items():
+  for name, values in reference.items():
     if name.startswith('logits'):
-      print(f'{name}: max |logit| {np.abs(logits).max():.4f}, max diff to logits_gelu_tanh '
-            f'{np.abs(logits - reference["logits_gelu_tanh"]).max() / scale:.2e} x max |logit|')
+      print(f'{name}: max |logit| {np.abs(values).max():.4f}, max diff to logits_gelu_tanh '
+            f'{np.abs(values - reference["logits_gelu_tanh"]).max() / scale:.2e} x max |logit|')
 
 
 if __name__ == '__main__':

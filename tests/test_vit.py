@@ -70,6 +70,26 @@ def test_erf_gelu_logits_equal_timm_default():
   assert_logits_equal(logits, REFERENCE['logits_gelu_erf'])
 
 
+def test_timm_safetensors_logits_equal_timm():
+  module = reduced(gelu_approximate=False)
+  arrays = weight_files.read_safetensors(os.path.join(FIXTURES, 'vit_golden_timm.safetensors'))
+  logits = module.apply(vit.convert_timm(arrays, module), REFERENCE['images'], train=False)
+  assert_logits_equal(logits, REFERENCE['logits_gelu_erf'])
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda a: a.pop('blocks.1.mlp.fc2.bias'), 'lack blocks.1.mlp.fc2.bias'),
+    (lambda a: a.update({'blocks.0.attn.qkv.weight': np.zeros((144, 40), np.float32)}),
+     r'blocks.0.attn.qkv.weight has shape \(40, 3, 16\) in flax layout; expected \(48, 3, 16\)'),
+    (lambda a: a.update({'blocks.0.ls1.gamma': np.ones(48, np.float32)}), 'hold blocks.0.ls1.gamma'),
+])
+def test_bad_timm_weights_name_the_tensor(edit, message):
+  arrays = weight_files.read_safetensors(os.path.join(FIXTURES, 'vit_golden_timm.safetensors'))
+  edit(arrays)
+  with pytest.raises(ValueError, match=message):
+    vit.convert_timm(arrays, reduced())
+
+
 def test_position_embeddings_resampled_like_big_vision():
   """A 3x3 grid checkpoint fine-tuned at 80 px (5x5): bilinear zoom of the grid, class entry kept."""
   module = reduced()
@@ -109,9 +129,12 @@ def test_bad_weights_name_the_tensor(edit, message):
     vit.convert_big_vision(arrays, reduced())
 
 
-def test_load_pretrained_refuses_another_size():
-  with pytest.raises(ValueError, match=r'cls has shape \(1, 1, 48\); expected \(1, 1, 384\)'):
-    models.load_pretrained('vit_s16', os.path.join(FIXTURES, 'vit_golden_augreg.npz'))
+@pytest.mark.parametrize('file, message', [('vit_golden_augreg.npz', 'cls'),
+                                           ('vit_golden_timm.safetensors', 'cls_token')])
+def test_load_pretrained_refuses_another_size(file, message):
+  expected = fr'{message} has shape \(1, 1, 48\) in flax layout; expected \(1, 1, 384\)'
+  with pytest.raises(ValueError, match=expected):
+    models.load_pretrained('vit_s16', os.path.join(FIXTURES, file))
 
 
 def test_grad_cam_features_reach_the_logits():

@@ -15,7 +15,7 @@ blocks sit at the top level so Grad-CAM can mark the last block's input).
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -146,14 +146,15 @@ _BLOCK_NAMES = {
                            'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'},
 }
 # Where checkpoints kept the position embeddings, newest first.
-_POS_EMBEDDING_NAMES = ('pos_embedding', 'Transformer/pos_embedding', 'Transformer/posembed_input/pos_embedding')
+_POS_EMBEDDING_NAMES = ('pos_embedding', 'Transformer/pos_embedding',
+                        'Transformer/posembed_input/pos_embedding')
 # Prefixes of whole training checkpoints (the rest of the file is optimizer state).
 _PREFIXES = ('', 'params/', 'opt/target/')
 _SCANNED = 'Transformer/encoderblock/'
 
 
 def _unscanned(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Blocks stored stacked (`Transformer/encoderblock/...`, leading depth axis) as one entry per block."""
+  """Blocks stored stacked (`Transformer/encoderblock/...`, depth axis first) as one entry per block."""
   out = {}
   for name, value in arrays.items():
     if name.startswith(_SCANNED):
@@ -185,21 +186,34 @@ def convert_big_vision(arrays: Mapping[str, np.ndarray], module: ViT) -> dict[st
   if prefix is None:
     raise ValueError('The weights lack embedding/kernel: not a big_vision / vision_transformer ViT.')
   source = _unscanned({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+  return _to_variables(source, module, lambda name: prefix + name)
+
+
+def _to_variables(source: Mapping[str, np.ndarray], module: ViT,
+                  shown: Callable[[str], str]) -> dict[str, Any]:
+  """Arrays under big_vision names (unprefixed, unscanned) -> variables; errors name `shown(name)`."""
+  if 'cls' not in source:
+    raise ValueError(f'The weights lack {shown("cls")}: a ViT without a class token (e.g. big_vision\'s '
+                     "pool_type='gap' or 'map'), which this model does not implement.")
   pos_names = [n for n in _POS_EMBEDDING_NAMES if n in source]
   if len(pos_names) != 1:
-    raise ValueError(f'The weights hold {len(pos_names)} position embeddings ({", ".join(pos_names)}); '
-                     'expected one.')
-  pos = np.asarray(source[pos_names[0]], np.float32)
+    raise ValueError(f'The weights hold {len(pos_names)} learned position embeddings '
+                     f'({", ".join(map(shown, pos_names))}); expected one.')
+  pos_name = pos_names[0]
+  pos = np.asarray(source[pos_name], np.float32)
   if pos.ndim != 3 or pos.shape[0] != 1:
-    raise ValueError(f'{prefix}{pos_names[0]} has shape {pos.shape}; expected (1, tokens, width).')
+    raise ValueError(f'{shown(pos_name)} has shape {pos.shape}; expected (1, tokens, width).')
   if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
     # big_vision's newer layout: no embedding for the class token, i.e. zero.
     pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
-  side = _grid_side(pos.shape[1] - 1, prefix + pos_names[0])
-  convention = ('vision_transformer' if 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel'
-                in source else 'big_vision')
+  side = _grid_side(pos.shape[1] - 1, shown(pos_name))
+  convention = ('vision_transformer' if any(f'/{n}/' in k for k in source
+                                            for n in _BLOCK_NAMES['vision_transformer'].values())
+                else 'big_vision')
 
   def source_name(keys: tuple[str, ...]) -> str:
+    if keys == ('pos_embedding',):
+      return pos_name
     if keys[0].startswith('encoderblock_'):
       keys = ('Transformer', keys[0], _BLOCK_NAMES[convention].get(keys[1], keys[1]), *keys[2:])
     elif keys[0] == 'encoder_norm':
@@ -207,20 +221,17 @@ def convert_big_vision(arrays: Mapping[str, np.ndarray], module: ViT) -> dict[st
     return '/'.join(keys)
 
   params: dict[str, Any] = {}
-  used = {pos_names[0]}
-  shapes = variable_shapes(module, (side, side))
-  for path, shape in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]:
+  used = set()
+  shapes = variable_shapes(module, (side, side))['params']
+  for path, shape in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     keys = tuple(k.key for k in path)
-    if keys == ('pos_embedding',):
-      name, value = pos_names[0], pos
-    else:
-      name = source_name(keys)
-      if name not in source:
-        raise ValueError(f'The weights lack {prefix}{name} (for params/{"/".join(keys)} {shape.shape}).')
-      value = np.asarray(source[name], np.float32)
+    name = source_name(keys)
+    if name not in source:
+      raise ValueError(f'The weights lack {shown(name)} (for params/{"/".join(keys)} {shape.shape}).')
+    value = pos if name == pos_name else np.asarray(source[name], np.float32)
     if value.shape != shape.shape:
-      raise ValueError(f'{prefix}{name} has shape {source[name].shape}; expected {shape.shape} for '
-                       f'params/{"/".join(keys)} of this ViT.')
+      raise ValueError(f'{shown(name)} has shape {source[name].shape} in flax layout; expected '
+                       f'{shape.shape} for params/{"/".join(keys)} of this ViT.')
     node = params
     for k in keys[:-1]:
       node = node.setdefault(k, {})
@@ -228,9 +239,69 @@ def convert_big_vision(arrays: Mapping[str, np.ndarray], module: ViT) -> dict[st
     used.add(name)
   unexpected = sorted(k for k in source if k not in used)
   if unexpected:
-    raise ValueError(f'The weights hold {prefix}{unexpected[0]} {source[unexpected[0]].shape}, which this ViT '
-                     f'does not have ({len(unexpected)} unexpected tensors).')
+    raise ValueError(f'The weights hold {shown(unexpected[0])} {source[unexpected[0]].shape}, which this '
+                     f'ViT does not have ({len(unexpected)} unexpected tensors).')
   return {'params': params}
+
+
+_ATTENTION = 'MultiHeadDotProductAttention_0'
+# timm's names -> big_vision's: in encoder block i, and outside the blocks.
+_TIMM_BLOCK_NAMES = {
+    'norm1.weight': ('LayerNorm_0/scale',), 'norm1.bias': ('LayerNorm_0/bias',),
+    'attn.qkv.weight': tuple(f'{_ATTENTION}/{n}/kernel' for n in ('query', 'key', 'value')),
+    'attn.qkv.bias': tuple(f'{_ATTENTION}/{n}/bias' for n in ('query', 'key', 'value')),
+    'attn.proj.weight': (f'{_ATTENTION}/out/kernel',), 'attn.proj.bias': (f'{_ATTENTION}/out/bias',),
+    'norm2.weight': ('LayerNorm_1/scale',), 'norm2.bias': ('LayerNorm_1/bias',),
+    'mlp.fc1.weight': ('MlpBlock_0/Dense_0/kernel',), 'mlp.fc1.bias': ('MlpBlock_0/Dense_0/bias',),
+    'mlp.fc2.weight': ('MlpBlock_0/Dense_1/kernel',), 'mlp.fc2.bias': ('MlpBlock_0/Dense_1/bias',),
+}
+_TIMM_NAMES = {
+    'patch_embed.proj.weight': 'embedding/kernel', 'patch_embed.proj.bias': 'embedding/bias',
+    'cls_token': 'cls', 'pos_embed': 'pos_embedding',
+    'norm.weight': 'Transformer/encoder_norm/scale', 'norm.bias': 'Transformer/encoder_norm/bias',
+    'head.weight': 'head/kernel', 'head.bias': 'head/bias',
+}
+
+
+def _from_timm(name: str, value: np.ndarray, heads: int) -> list[np.ndarray]:
+  """A timm tensor in big_vision's layout (q, k, v apart; heads on their own axis)."""
+  if name.endswith('attn.qkv.weight') or name.endswith('attn.qkv.bias'):
+    if value.ndim > 2 or value.shape[0] % (3 * heads):
+      raise ValueError(f'{name} has shape {value.shape}: not query, key and value of {heads} heads.')
+    return [part.T.reshape(part.shape[1], heads, -1) if part.ndim == 2 else part.reshape(heads, -1)
+            for part in np.split(value, 3)]
+  if name.endswith('attn.proj.weight'):
+    if value.ndim != 2 or value.shape[1] % heads:
+      raise ValueError(f'{name} has shape {value.shape}: not the output projection of {heads} heads.')
+    return [value.T.reshape(heads, -1, value.shape[0])]
+  if value.ndim == 4:  # the patch convolution, OIHW -> HWIO
+    return [value.transpose(2, 3, 1, 0)]
+  return [value.T if value.ndim == 2 else value]  # Linear [out, in] -> [in, out]
+
+
+def convert_timm(arrays: Mapping[str, np.ndarray], module: ViT) -> dict[str, Any]:
+  """timm `VisionTransformer` state-dict arrays (`.safetensors`) -> flax variables of `module`.
+
+  timm fuses query, key and value into `attn.qkv` and stores torch layouts.
+  It runs the erf GELU (`gelu_approximate=False` reproduces its logits
+  exactly) and, for the AugReg and original Google weights, the 'tf' input
+  convention (mean = std = 0.5). Errors name timm's tensors.
+  """
+  timm_names = {bv: timm for timm, bv in _TIMM_NAMES.items()}
+  blocks = {int(k.split('.')[1]) for k in arrays if k.startswith('blocks.') and k.split('.')[1].isdigit()}
+  for i in blocks | set(range(module.depth)):
+    for timm, bvs in _TIMM_BLOCK_NAMES.items():
+      timm_names.update({f'Transformer/encoderblock_{i}/{bv}': f'blocks.{i}.{timm}' for bv in bvs})
+  bv_names = {}
+  for bv, timm in timm_names.items():
+    bv_names.setdefault(timm, []).append(bv)
+  source = {}
+  for name, value in arrays.items():
+    if name in bv_names:
+      source.update(zip(bv_names[name], _from_timm(name, np.asarray(value), module.num_heads)))
+    else:
+      source[name] = value  # unknown to this ViT: reported as unexpected
+  return _to_variables(source, module, lambda name: timm_names.get(name, name))
 
 
 def resample_pos_embedding(pos_embedding: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -269,7 +340,8 @@ def build(constructor, model_config: ml_collections.ConfigDict, num_classes: int
 def check(constructor, config: ml_collections.ConfigDict) -> None:
   patch = constructor.keywords['patch_size']
   if config.image_size < patch:
-    raise ValueError(f'config.image_size={config.image_size} is smaller than the ViT\'s {patch}-pixel patches.')
+    raise ValueError(f'config.image_size={config.image_size} is smaller than the ViT\'s '
+                     f'{patch}-pixel patches.')
 
 
 def _convert_npz(constructor, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -279,9 +351,16 @@ def _convert_npz(constructor, arrays: Mapping[str, np.ndarray]) -> dict[str, Any
   return convert_big_vision(arrays, constructor(num_classes=arrays[head].shape[-1]))
 
 
+def _convert_safetensors(constructor, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  if 'head.weight' not in arrays:
+    raise ValueError('The weights lack head.weight: not a timm ViT with its classifier.')
+  return convert_timm(arrays, constructor(num_classes=arrays['head.weight'].shape[0]))
+
+
 def spec(constructor) -> interface.ModelSpec:
   """The registry entry of one ViT size."""
   return interface.ModelSpec(build=functools.partial(build, constructor),
                              check=functools.partial(check, constructor),
-                             converters={'npz': functools.partial(_convert_npz, constructor)},
+                             converters={'npz': functools.partial(_convert_npz, constructor),
+                                         'safetensors': functools.partial(_convert_safetensors, constructor)},
                              adapt=adapt)
