@@ -5,6 +5,7 @@ weights in both checkpoint layouts and the logits timm computes after
 loading them with its own npz loader.
 """
 
+import functools
 import os
 
 import jax
@@ -88,6 +89,16 @@ def test_bad_timm_weights_name_the_tensor(edit, message):
   edit(arrays)
   with pytest.raises(ValueError, match=message):
     vit.convert_timm(arrays, reduced())
+
+
+@pytest.mark.parametrize('file, expected', [('vit_golden_augreg.npz', 'logits_gelu_tanh'),
+                                            ('vit_golden_timm.safetensors', 'logits_gelu_erf')])
+def test_load_pretrained_reproduces_each_source(monkeypatch, file, expected):
+  """Through the registry: big_vision's tanh GELU for .npz, timm's erf GELU for .safetensors."""
+  reduced_constructor = functools.partial(vit.ViT, patch_size=16, width=48, depth=2, num_heads=3, mlp_dim=96)
+  monkeypatch.setitem(models.MODELS, 'vit_golden', vit.spec(reduced_constructor))
+  module, variables = models.load_pretrained('vit_golden', os.path.join(FIXTURES, file))
+  assert_logits_equal(module.apply(variables, REFERENCE['images'], train=False), REFERENCE[expected])
 
 
 def test_position_embeddings_resampled_like_big_vision():

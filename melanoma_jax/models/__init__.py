@@ -51,12 +51,13 @@ def load_pretrained(name: str, path: epath.PathLike,
   """
   model_spec = spec(name)
   arrays = weight_files.read(path, sorted(model_spec.converters))
-  variables = model_spec.converters[weight_files.format_of(path)](arrays)
+  fmt = weight_files.format_of(path)
+  variables = model_spec.converters[fmt](arrays)
   num_classes = variables['params'][HEAD]['kernel'].shape[-1]
   config = ml_collections.ConfigDict({'name': name, 'dropout_rate': 0.0})
   if model_config is not None:
     config.update(model_config)
-  return build(config, num_classes), variables
+  return build(config, num_classes).clone(**model_spec.pretrained_fields.get(fmt, {})), variables
 
 
 def fit_pretrained(name: str, pretrained: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:

@@ -283,9 +283,9 @@ def convert_timm(arrays: Mapping[str, np.ndarray], module: ViT) -> dict[str, Any
   """timm `VisionTransformer` state-dict arrays (`.safetensors`) -> flax variables of `module`.
 
   timm fuses query, key and value into `attn.qkv` and stores torch layouts.
-  It runs the erf GELU (`gelu_approximate=False` reproduces its logits
-  exactly) and, for the AugReg and original Google weights, the 'tf' input
-  convention (mean = std = 0.5). Errors name timm's tensors.
+  It runs the erf GELU (`gelu_approximate=False`, which `load_pretrained`
+  sets for .safetensors) and, for the AugReg and original Google weights,
+  the 'tf' input convention (mean = std = 0.5). Errors name timm's tensors.
   """
   timm_names = {bv: timm for timm, bv in _TIMM_NAMES.items()}
   blocks = {int(k.split('.')[1]) for k in arrays if k.startswith('blocks.') and k.split('.')[1].isdigit()}
@@ -363,4 +363,4 @@ def spec(constructor) -> interface.ModelSpec:
                              check=functools.partial(check, constructor),
                              converters={'npz': functools.partial(_convert_npz, constructor),
                                          'safetensors': functools.partial(_convert_safetensors, constructor)},
-                             adapt=adapt)
+                             adapt=adapt, pretrained_fields={'safetensors': {'gelu_approximate': False}})
