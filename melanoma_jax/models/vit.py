@@ -1,4 +1,4 @@
-"""Vision Transformer (ViT-S/16, ViT-B/16) and its big_vision / AugReg weight converter.
+"""Vision Transformer (ViT-S/16, ViT-B/16) and its big_vision / AugReg and timm weight converters.
 
 The architecture of Dosovitskiy et al. (2021) as big_vision and Google's
 vision_transformer repository (the AugReg checkpoints) define it: a patch
@@ -123,6 +123,7 @@ class ViT(nn.Module):
                         name=f'encoderblock_{i}')(x)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name='encoder_norm')(x)[:, 0]
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    # Zero-initialised as big_vision's: a fresh head starts from uniform predictions.
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='head')(x)
     return jnp.asarray(x, jnp.float32)
 
