@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -146,6 +147,17 @@ def test_load_pretrained_refuses_another_size(file, message):
   expected = fr'{message} has shape \(1, 1, 48\) in flax layout; expected \(1, 1, 384\)'
   with pytest.raises(ValueError, match=expected):
     models.load_pretrained('vit_s16', os.path.join(FIXTURES, file))
+
+
+@pytest.mark.parametrize('size, ok', [(224, True), (32, True), (180, False), (8, False)])
+def test_image_size_must_be_whole_patches(size, ok):
+  check = models.MODELS['vit_s16'].check
+  config = ml_collections.ConfigDict({'image_size': size})
+  if ok:
+    check(config)
+  else:
+    with pytest.raises(ValueError, match=f'image_size={size} is not a multiple'):
+      check(config)
 
 
 def test_grad_cam_explains_the_last_block_input_tokens():

@@ -339,10 +339,12 @@ def build(constructor, model_config: ml_collections.ConfigDict, num_classes: int
 
 
 def check(constructor, config: ml_collections.ConfigDict) -> None:
+  """Whole patches only: a remainder would be cut off the image and shift Grad-CAM's grid."""
   patch = constructor.keywords['patch_size']
-  if config.image_size < patch:
-    raise ValueError(f'config.image_size={config.image_size} is smaller than the ViT\'s '
-                     f'{patch}-pixel patches.')
+  if config.image_size < patch or config.image_size % patch:
+    nearest = sorted({max(patch, config.image_size // patch * patch), (config.image_size // patch + 1) * patch})
+    raise ValueError(f'config.image_size={config.image_size} is not a multiple of the ViT\'s {patch}-pixel '
+                     f'patches; use e.g. {" or ".join(map(str, nearest))}.')
 
 
 def _convert_npz(constructor, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
