@@ -1,8 +1,8 @@
-"""ViT against timm's own forward pass on big_vision / AugReg `.npz` weights.
+"""ViT against timm's own forward pass on big_vision / AugReg `.npz` and timm `.safetensors` weights.
 
 The golden fixtures (scripts/make_golden_vit.py) hold a reduced ViT's random
-weights in both checkpoint layouts and the logits timm computes after
-loading them with its own npz loader.
+weights in both npz checkpoint layouts and as timm's state dict, and the
+logits timm computes after loading them with its own npz loader.
 """
 
 import functools
@@ -23,10 +23,12 @@ REFERENCE = np.load(os.path.join(FIXTURES, 'vit_golden_reference.npz'))
 GRID = 3  # 48-pixel images, 16-pixel patches
 
 
+# The architecture of the fixtures (make_golden_vit.py).
+REDUCED = functools.partial(vit.ViT, patch_size=16, width=48, depth=2, num_heads=3, mlp_dim=96)
+
+
 def reduced(gelu_approximate: bool = True) -> vit.ViT:
-  """The architecture of the fixtures (make_golden_vit.py)."""
-  return vit.ViT(num_classes=5, width=48, depth=2, num_heads=3, mlp_dim=96,
-                 gelu_approximate=gelu_approximate)
+  return REDUCED(num_classes=5, gelu_approximate=gelu_approximate)
 
 
 def read(layout: str) -> dict[str, np.ndarray]:
@@ -57,7 +59,7 @@ def _scanned(arrays):
     ('augreg', lambda a: _with_prefix(a, 'opt/target/')),
     ('big_vision', lambda a: _with_prefix(a, 'params/')),
     ('big_vision', _scanned),
-])
+], ids=['augreg', 'big_vision', 'opt_target_prefix', 'params_prefix', 'scanned'])
 def test_logits_equal_timm(layout, transform):
   module = reduced()
   variables = vit.convert_big_vision(transform(read(layout)), module)
@@ -96,8 +98,7 @@ def test_bad_timm_weights_name_the_tensor(edit, message):
                                             ('vit_golden_timm.safetensors', 'logits_gelu_erf')])
 def test_load_pretrained_reproduces_each_source(monkeypatch, file, expected):
   """Through the registry: big_vision's tanh GELU for .npz, timm's erf GELU for .safetensors."""
-  reduced_constructor = functools.partial(vit.ViT, patch_size=16, width=48, depth=2, num_heads=3, mlp_dim=96)
-  monkeypatch.setitem(models.MODELS, 'vit_golden', vit.spec(reduced_constructor))
+  monkeypatch.setitem(models.MODELS, 'vit_golden', vit.spec(REDUCED))
   module, variables = models.load_pretrained('vit_golden', os.path.join(FIXTURES, file))
   assert_logits_equal(module.apply(variables, REFERENCE['images'], train=False), REFERENCE[expected])
 
