@@ -1,0 +1,355 @@
+"""EfficientNet B0-B3, loadable from timm `tf_efficientnet_b*` and Keras applications.
+
+One module serves both sources: timm's TF ports pad like TensorFlow's "same"
+(flax 'SAME'), and Keras' `correct_pad` ZeroPadding before its stride-2
+"valid" convolutions pads exactly as "same" does, so the convolutions agree.
+BatchNorm epsilon is 1e-3 in both, squeeze-excitation widths agree for
+channel counts that are multiples of 8 (always, with divisor 8). What
+differs is the input normalisation, so it lives in two non-trainable
+variables (`batch_stats/input_mean`, `batch_stats/input_std`) that the
+converters fill from the source: a loaded model computes exactly what its
+source computes, and the statistics travel with checkpoints like BatchNorm's.
+"""
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax import traverse_util
+import jax.numpy as jnp
+import numpy as np
+
+from melanoma_jax.models.interface import mark_features
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Per-channel (mean, std) applied to RGB / 255, by input convention:
+# 'torch': timm's tf_efficientnet_b* default pretrained_cfg, and Keras
+# EfficientNet built with weights='imagenet' (its Normalization layer plus the
+# extra Rescaling by 1/sqrt(stddev) amount to the same); 'tf': [-1, 1], timm's
+# AdvProp weights (tf_efficientnet_b*.ap_in1k); 'unit': RGB / 255 only, Keras
+# EfficientNet built with weights=None (Normalization never adapted).
+PREPROCESSING = {
+    'torch': (IMAGENET_MEAN, IMAGENET_STD),
+    'tf': ((0.5,) * 3, (0.5,) * 3),
+    'unit': ((0.0,) * 3, (1.0,) * 3),
+}
+
+# Per stage: kernel size, repeats, stride, expansion ratio, output channels
+# (at width 1.0). Every block has squeeze-excitation with ratio 0.25.
+STAGES = ((3, 1, 1, 1, 16), (3, 2, 2, 6, 24), (5, 2, 2, 6, 40), (3, 3, 2, 6, 80),
+          (5, 3, 1, 6, 112), (5, 4, 2, 6, 192), (3, 1, 1, 6, 320))
+SE_RATIO = 0.25
+BN_EPSILON = 1e-3
+# name: (width coefficient, depth coefficient, dropout rate, native image size)
+SIZES = {
+    'b0': (1.0, 1.0, 0.2, 224),
+    'b1': (1.0, 1.1, 0.2, 240),
+    'b2': (1.1, 1.2, 0.3, 260),
+    'b3': (1.2, 1.4, 0.3, 300),
+}
+
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'truncated_normal')
+# flax counts a depthwise kernel's fan-out over all channels; its real fan-out
+# (and fan-in) is k*k, which is what fan_in computes for a (k, k, 1, C) kernel.
+_depthwise_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+_head_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+  """Channels scaled by `width`, to a multiple of `divisor`, never 10% below (timm/Keras)."""
+  scaled = channels * width
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+  return int(math.ceil(depth * repeats))
+
+
+def block_name(stage: int, index: int) -> str:
+  """Keras' block names: stage 0, block 1 -> 'block1b'."""
+  return f'block{stage + 1}{chr(ord("a") + index)}'
+
+
+class MBConv(nn.Module):
+  """Inverted residual block with squeeze-excitation (MBConv)."""
+  features_in: int
+  features_out: int
+  kernel_size: int
+  stride: int
+  expand_ratio: int
+  drop_rate: float
+  bn_momentum: float
+  axis_name: str | None
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, inputs: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    batch_norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
+        axis_name=self.axis_name, dtype=self.dtype, name=name)
+    conv1x1 = lambda features, name: nn.Conv(
+        features, (1, 1), use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name=name)
+    features = self.features_in * self.expand_ratio
+    x = inputs
+    if self.expand_ratio != 1:
+      x = nn.swish(batch_norm('expand_bn')(conv1x1(features, 'expand_conv')(x)))
+    k = self.kernel_size
+    x = nn.Conv(features, (k, k), strides=self.stride, padding='SAME',
+                feature_group_count=features, use_bias=False, kernel_init=_depthwise_init,
+                dtype=self.dtype, name='dwconv')(x)
+    x = nn.swish(batch_norm('bn')(x))
+
+    squeezed = max(1, int(self.features_in * SE_RATIO))
+    se = jnp.mean(x, axis=(1, 2))
+    se = nn.swish(nn.Dense(squeezed, kernel_init=_conv_init, dtype=self.dtype,
+                           name='se_reduce')(se))
+    se = nn.sigmoid(nn.Dense(features, kernel_init=_conv_init, dtype=self.dtype,
+                             name='se_expand')(se))
+    x = x * se[:, None, None, :]
+
+    x = batch_norm('project_bn')(conv1x1(self.features_out, 'project_conv')(x))
+    if self.stride == 1 and self.features_in == self.features_out:
+      # Stochastic depth ("drop connect"): drops whole samples' residual branches.
+      x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+      x = x + inputs
+    return x
+
+
+class EfficientNet(nn.Module):
+  """EfficientNet (Tan & Le, 2019) at any width/depth coefficients.
+
+  Takes uint8 (or [0, 255] float) RGB images; normalises them with the
+  `batch_stats` variables `input_mean` / `input_std` (on the [0, 1] scale),
+  initialised from `preprocessing` and overwritten by the weight converters
+  with the source's own values. Layer names follow Keras applications.
+
+  Attributes:
+    num_classes: head units.
+    width: channel multiplier (timm's channel_multiplier, Keras' width_coefficient).
+    depth: repeats multiplier (depth_multiplier / depth_coefficient).
+    dropout_rate: dropout before the head.
+    drop_connect_rate: stochastic-depth rate of the last block (linear from 0).
+    preprocessing: key of PREPROCESSING, the input convention a fresh model starts with.
+    bn_momentum: BatchNorm running-statistics momentum (Keras 0.99).
+    axis_name: the device axis BatchNorm averages batch statistics over;
+      None outside pmap/shard_map.
+    dtype: compute dtype (parameters stay float32).
+  """
+  num_classes: int
+  width: float = 1.0
+  depth: float = 1.0
+  dropout_rate: float = 0.2
+  drop_connect_rate: float = 0.2
+  preprocessing: str = 'torch'
+  bn_momentum: float = 0.99
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    mean, std = PREPROCESSING[self.preprocessing]
+    mean = self.variable('batch_stats', 'input_mean', lambda: jnp.asarray(mean, jnp.float32))
+    std = self.variable('batch_stats', 'input_std', lambda: jnp.asarray(std, jnp.float32))
+    x = (jnp.asarray(images, jnp.float32) / 255.0 - mean.value) / std.value
+    x = x.astype(self.dtype)
+
+    batch_norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
+        axis_name=self.axis_name, dtype=self.dtype, name=name)
+    x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding='SAME',
+                use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name='stem_conv')(x)
+    x = nn.swish(batch_norm('stem_bn')(x))
+
+    total = sum(round_repeats(stage[1], self.depth) for stage in STAGES)
+    index = 0
+    features_in = round_filters(32, self.width)
+    for s, (kernel, repeats, stride, expand, channels) in enumerate(STAGES):
+      features_out = round_filters(channels, self.width)
+      for b in range(round_repeats(repeats, self.depth)):
+        x = MBConv(features_in, features_out, kernel, stride if b == 0 else 1, expand,
+                   self.drop_connect_rate * index / total, self.bn_momentum,
+                   self.axis_name, self.dtype, name=block_name(s, b))(x, train=train)
+        features_in = features_out
+        index += 1
+
+    x = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False,
+                kernel_init=_conv_init, dtype=self.dtype, name='top_conv')(x)
+    x = nn.swish(batch_norm('top_bn')(x))
+    x = mark_features(self, x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, kernel_init=_head_init, dtype=self.dtype, name='head')(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+# Our block layer -> timm's name, for the inverted-residual blocks and for the
+# first stage's depthwise-separable blocks (no expansion, other numbering).
+_TIMM_INVERTED = {'expand_conv': 'conv_pw', 'expand_bn': 'bn1', 'dwconv': 'conv_dw',
+                  'bn': 'bn2', 'se_reduce': 'se.conv_reduce', 'se_expand': 'se.conv_expand',
+                  'project_conv': 'conv_pwl', 'project_bn': 'bn3'}
+_TIMM_SEPARABLE = {'dwconv': 'conv_dw', 'bn': 'bn1', 'se_reduce': 'se.conv_reduce',
+                   'se_expand': 'se.conv_expand', 'project_conv': 'conv_pw', 'project_bn': 'bn2'}
+_TIMM_TOP = {'stem_conv': 'conv_stem', 'stem_bn': 'bn1', 'top_conv': 'conv_head',
+             'top_bn': 'bn2', 'head': 'classifier'}
+_TIMM_BN = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+            'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+_KERAS_BN = (('params', 'scale'), ('params', 'bias'), ('batch_stats', 'mean'),
+             ('batch_stats', 'var'))
+_KERAS_BLOCK_LAYER = re.compile(
+    r'(block\d+[a-z])_(expand_conv|expand_bn|dwconv|bn|se_reduce|se_expand|project_conv|project_bn)')
+
+
+def _kind(layer: str) -> str:
+  """'conv', 'bn', 'se' or 'dense', from our layer's name."""
+  if layer.endswith('bn'):
+    return 'bn'
+  if layer.startswith('se_'):
+    return 'se'
+  return 'dense' if layer == 'head' else 'conv'
+
+
+class _Variables:
+  """Collects converted arrays into flax variables, refusing duplicates and bad ranks."""
+
+  def __init__(self):
+    self.flat: dict[tuple[str, ...], np.ndarray] = {}
+
+  def put(self, source: str, path: tuple[str, ...], value: np.ndarray, rank: int,
+          transform=lambda value: value) -> None:
+    """Stores transform(value) at path, once `source`'s rank is checked."""
+    value = np.asarray(value)
+    if value.ndim != rank:
+      raise ValueError(f'tensor {source} has shape {value.shape}; expected {rank} dimensions')
+    self.flat[path] = np.asarray(transform(value), np.float32)
+
+  def input_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+    self.flat[('batch_stats', 'input_mean')] = np.asarray(mean, np.float32).reshape(3)
+    self.flat[('batch_stats', 'input_std')] = np.asarray(std, np.float32).reshape(3)
+
+  def result(self) -> dict[str, Any]:
+    return traverse_util.unflatten_dict(self.flat)
+
+
+def _timm_layer(module: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, ...] | None:
+  """timm module path ('blocks.1.0.conv_pw') -> our layer path, None if not ours."""
+  for ours, theirs in _TIMM_TOP.items():
+    if module == theirs:
+      return (ours,)
+  match = re.fullmatch(r'blocks\.(\d+)\.(\d+)\.(.+)', module)
+  if not match:
+    return None
+  stage, index, rest = int(match[1]), int(match[2]), match[3]
+  inverted = f'blocks.{stage}.{index}.conv_pwl.weight' in arrays
+  table = _TIMM_INVERTED if inverted else _TIMM_SEPARABLE
+  for ours, theirs in table.items():
+    if rest == theirs:
+      return (block_name(stage, index), ours)
+  return None
+
+
+def convert_timm(arrays: Mapping[str, np.ndarray], preprocessing: str = 'torch') -> dict[str, Any]:
+  """timm `tf_efficientnet_b*` state dict (numpy) -> flax variables.
+
+  `preprocessing` names the checkpoint's input convention (PREPROCESSING):
+  'torch' for timm's tf_efficientnet_b*.{in1k, aa_in1k, ns_jft_in1k}, 'tf'
+  for .ap_in1k; timm's files do not record it (its pretrained_cfg does).
+  """
+  out = _Variables()
+  for key, value in arrays.items():
+    module, _, leaf = key.rpartition('.')
+    path = _timm_layer(module, arrays)
+    if path is None:
+      raise ValueError(f'unexpected tensor {key}: not part of a timm tf_efficientnet')
+    kind = _kind(path[-1])
+    if kind == 'bn':
+      if leaf == 'num_batches_tracked':
+        continue
+      if leaf not in _TIMM_BN:
+        raise ValueError(f'unexpected tensor {key}')
+      collection, name = _TIMM_BN[leaf]
+      out.put(key, (collection, *path, name), value, 1)
+    elif leaf == 'bias' and kind in ('se', 'dense'):
+      out.put(key, ('params', *path, 'bias'), value, 1)
+    elif leaf == 'weight' and kind == 'conv':
+      out.put(key, ('params', *path, 'kernel'), value, 4, lambda w: w.transpose(2, 3, 1, 0))
+    elif leaf == 'weight' and kind == 'se':
+      out.put(key, ('params', *path, 'kernel'), value, 4, lambda w: w[:, :, 0, 0].T)
+    elif leaf == 'weight' and kind == 'dense':
+      out.put(key, ('params', *path, 'kernel'), value, 2, lambda w: w.T)
+    else:
+      raise ValueError(f'unexpected tensor {key}')
+  out.input_stats(*PREPROCESSING[preprocessing])
+  return out.result()
+
+
+def keras_input_stats(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Keras EfficientNet's input normalisation as (mean, std) on RGB / 255.
+
+  Keras computes (x/255 - mean) / max(sqrt(variance), 1e-7), and when built
+  with weights='imagenet' multiplies by 1/sqrt(IMAGENET_STD) on top, because
+  its ImageNet files store the standard deviation as the variance. A file does
+  not say how its model was built; statistics equal to those files' are taken
+  as that model's (the one keras.applications gives for weights='imagenet').
+  """
+  mean = np.asarray(mean, np.float64)
+  variance = np.asarray(variance, np.float64)
+  std = np.maximum(np.sqrt(variance), 1e-7)
+  if np.allclose(mean, IMAGENET_MEAN, atol=1e-6) and np.allclose(variance, IMAGENET_STD,
+                                                                   atol=1e-6):
+    std = std * np.sqrt(IMAGENET_STD)
+  return mean, std
+
+
+def convert_keras(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Keras applications EfficientNetB* weights (`keras_h5.read_keras_h5`) -> flax variables."""
+  layers: dict[str, list[np.ndarray]] = {}
+  for key, value in arrays.items():
+    layer, _, index = key.rpartition('/')
+    layers.setdefault(layer, []).append((int(index), value))
+  out = _Variables()
+  normalization = [layer for layer in layers if layer.startswith('normalization')]
+  if len(normalization) != 1:
+    raise ValueError(f'expected one Normalization layer (normalization/0, its mean); '
+                     f'found {normalization or "none"}')
+  for layer, indexed in layers.items():
+    weights = [value for _, value in sorted(indexed, key=lambda item: item[0])]
+    if layer in normalization:
+      expected = 3
+    elif layer == 'predictions':
+      path, expected = ('head',), 2
+    elif layer in ('stem_conv', 'stem_bn', 'top_conv', 'top_bn'):
+      path = (layer,)
+    elif match := _KERAS_BLOCK_LAYER.fullmatch(layer):
+      path = (match[1], match[2])
+    else:
+      raise ValueError(f'unexpected tensor {layer}/0: layer {layer} is not part of a Keras '
+                       'EfficientNet')
+    if layer not in normalization and layer != 'predictions':
+      expected = {'bn': 4, 'se': 2, 'conv': 1}[_kind(path[-1])]
+    if len(weights) != expected:
+      missing = len(weights) < expected
+      raise ValueError(f'{"missing" if missing else "unexpected"} tensor '
+                       f'{layer}/{min(len(weights), expected)}: layer {layer} has '
+                       f'{len(weights)} weights, expected {expected}')
+    name = lambda i: f'{layer}/{i}'
+    if layer in normalization:
+      out.input_stats(*keras_input_stats(weights[0], weights[1]))
+    elif expected == 4:
+      for i, (collection, leaf) in enumerate(_KERAS_BN):
+        out.put(name(i), (collection, *path, leaf), weights[i], 1)
+    elif path[-1] == 'dwconv':
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4,
+              lambda w: w.transpose(0, 1, 3, 2))
+    elif expected == 1:
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4)
+    elif path[-1] == 'head':
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], 2)
+      out.put(name(1), ('params', *path, 'bias'), weights[1], 1)
+    else:  # squeeze-excitation: a 1x1 convolution in Keras, a Dense here
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4, lambda w: w[0, 0])
+      out.put(name(1), ('params', *path, 'bias'), weights[1], 1)
+  return out.result()
