@@ -213,7 +213,7 @@ def _kind(layer: str) -> str:
 
 
 class _Variables:
-  """Collects converted arrays into flax variables, refusing duplicates and bad ranks."""
+  """Collects converted arrays into flax variables, refusing tensors of the wrong rank."""
 
   def __init__(self):
     self.flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -304,52 +304,53 @@ def keras_input_stats(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarra
   return mean, std
 
 
+def _keras_layer(layer: str) -> tuple[str, ...] | None:
+  """Keras layer name -> our layer path, None if not ours."""
+  if layer == 'predictions':
+    return ('head',)
+  if layer in ('stem_conv', 'stem_bn', 'top_conv', 'top_bn'):
+    return (layer,)
+  if match := _KERAS_BLOCK_LAYER.fullmatch(layer):
+    return (match[1], match[2])
+  return None
+
+
 def convert_keras(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """Keras applications EfficientNetB* weights (`keras_h5.read_keras_h5`) -> flax variables."""
-  layers: dict[str, list[np.ndarray]] = {}
+  layers: dict[str, dict[int, np.ndarray]] = {}
   for key, value in arrays.items():
     layer, _, index = key.rpartition('/')
-    layers.setdefault(layer, []).append((int(index), value))
-  out = _Variables()
-  normalization = [layer for layer in layers if layer.startswith('normalization')]
+    layers.setdefault(layer, {})[int(index)] = value
+  # Keras names it 'normalization', 'normalization_1', ... by how many exist in its session.
+  normalization = [layer for layer in layers if re.fullmatch(r'normalization(_\d+)?', layer)]
   if len(normalization) != 1:
-    raise ValueError(f'expected one Normalization layer (normalization/0, its mean); '
-                     f'found {normalization or "none"}')
-  for layer, indexed in layers.items():
-    weights = [value for _, value in sorted(indexed, key=lambda item: item[0])]
-    if layer in normalization:
-      expected = 3
-    elif layer == 'predictions':
-      path, expected = ('head',), 2
-    elif layer in ('stem_conv', 'stem_bn', 'top_conv', 'top_bn'):
-      path = (layer,)
-    elif match := _KERAS_BLOCK_LAYER.fullmatch(layer):
-      path = (match[1], match[2])
-    else:
+    raise ValueError('expected one Normalization layer (mean, variance, count) in a Keras '
+                     f'EfficientNet; found {normalization or "none"}')
+  out = _Variables()
+  for layer, weights in layers.items():
+    path = ('input',) if layer in normalization else _keras_layer(layer)
+    if path is None:
       raise ValueError(f'unexpected tensor {layer}/0: layer {layer} is not part of a Keras '
                        'EfficientNet')
-    if layer not in normalization and layer != 'predictions':
-      expected = {'bn': 4, 'se': 2, 'conv': 1}[_kind(path[-1])]
-    if len(weights) != expected:
-      missing = len(weights) < expected
-      raise ValueError(f'{"missing" if missing else "unexpected"} tensor '
-                       f'{layer}/{min(len(weights), expected)}: layer {layer} has '
-                       f'{len(weights)} weights, expected {expected}')
-    name = lambda i: f'{layer}/{i}'
-    if layer in normalization:
+    kind = 'input' if layer in normalization else _kind(path[-1])
+    expected = {'input': 3, 'bn': 4, 'se': 2, 'dense': 2, 'conv': 1}[kind]
+    for i in range(expected):
+      if i not in weights:
+        raise ValueError(f'missing tensor {layer}/{i}')
+    if extra := sorted(set(weights) - set(range(expected))):
+      raise ValueError(f'unexpected tensor {layer}/{extra[0]}')
+    name = lambda i, layer=layer: f'{layer}/{i}'
+    if kind == 'input':
       out.input_stats(*keras_input_stats(weights[0], weights[1]))
-    elif expected == 4:
+    elif kind == 'bn':
       for i, (collection, leaf) in enumerate(_KERAS_BN):
         out.put(name(i), (collection, *path, leaf), weights[i], 1)
-    elif path[-1] == 'dwconv':
-      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4,
-              lambda w: w.transpose(0, 1, 3, 2))
-    elif expected == 1:
-      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4)
-    elif path[-1] == 'head':
-      out.put(name(0), ('params', *path, 'kernel'), weights[0], 2)
-      out.put(name(1), ('params', *path, 'bias'), weights[1], 1)
-    else:  # squeeze-excitation: a 1x1 convolution in Keras, a Dense here
-      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4, lambda w: w[0, 0])
+    elif kind == 'conv':
+      # Keras' depthwise kernels are (k, k, C, 1); flax's grouped ones (k, k, 1, C).
+      transform = (lambda w: w.transpose(0, 1, 3, 2)) if path[-1] == 'dwconv' else (lambda w: w)
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], 4, transform)
+    else:  # the head, or squeeze-excitation: 1x1 convolutions in Keras, Dense here
+      rank, transform = (2, lambda w: w) if kind == 'dense' else (4, lambda w: w[0, 0])
+      out.put(name(0), ('params', *path, 'kernel'), weights[0], rank, transform)
       out.put(name(1), ('params', *path, 'bias'), weights[1], 1)
   return out.result()
