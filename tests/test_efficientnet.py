@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from melanoma_jax import models
 from melanoma_jax.models import efficientnet, keras_h5
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -66,7 +67,8 @@ def _forward(variables, images, num_classes, width=1.0, depth=1.0):
 @pytest.mark.parametrize('file_format', ['h5', 'weights.h5'])
 def test_keras_logits_equal(keras_b0, file_format):
   paths, images, logits = keras_b0
-  variables = efficientnet.convert_keras(keras_h5.read_keras_h5(paths[file_format]))
+  module, variables = models.load_pretrained('efficientnet_b0', paths[file_format])
+  assert module == efficientnet.EfficientNet(num_classes=7, dropout_rate=0.0)
   assert _max_error(_forward(variables, images, 7), logits) <= 1e-4
 
 
@@ -103,9 +105,9 @@ def test_timm_golden_logits_equal():
   """A reduced tf_efficientnet_b0 (scripts/make_golden_efficientnet.py) against timm's logits."""
   golden = np.load(FIXTURES / 'tf_efficientnet_reduced_golden.npz')
   arrays = safetensors.numpy.load_file(FIXTURES / 'tf_efficientnet_reduced.safetensors')
-  variables = efficientnet.convert_timm(arrays)
-  logits = _forward(variables, golden['images'], golden['logits'].shape[1],
-                    float(golden['width']), float(golden['depth']))
+  coefficients = float(golden['width']), float(golden['depth'])
+  variables = efficientnet.convert_timm(arrays, coefficients=coefficients)
+  logits = _forward(variables, golden['images'], golden['logits'].shape[1], *coefficients)
   assert _max_error(logits, golden['logits']) <= 1e-4
 
 
@@ -113,7 +115,7 @@ def test_timm_golden_logits_equal():
     ('b0', 5_288_548), ('b1', 7_794_184), ('b2', 9_109_994), ('b3', 12_233_232)])
 def test_parameter_counts_match_timm_and_keras(size, expected):
   """timm tf_efficientnet_b* parameters == Keras EfficientNetB* trainable weights, 1000 classes."""
-  width, depth, _, image_size = efficientnet.SIZES[size]
+  width, depth, image_size = efficientnet.SIZES[size]
   model = efficientnet.EfficientNet(num_classes=1000, width=width, depth=depth)
   variables = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.uint8), train=False))
@@ -127,6 +129,20 @@ def test_bad_timm_tensors_are_named():
   bad = {**arrays, 'conv_stem.weight': arrays['conv_stem.weight'][0]}
   with pytest.raises(ValueError, match=r'conv_stem.weight has shape \(3, 3, 3\)'):
     efficientnet.convert_timm(bad)
+  # The reduced fixture is not a B0: its first mismatch is named.
+  with pytest.raises(ValueError, match=r'blocks.0.0.bn1.running_mean has shape \(8,\) .*needs \(32,\)'):
+    models.load_pretrained('efficientnet_b0', FIXTURES / 'tf_efficientnet_reduced.safetensors')
+  coefficients = (0.25, 0.5)
+  without = {k: v for k, v in arrays.items() if k != 'blocks.1.0.conv_pw.weight'}
+  with pytest.raises(ValueError, match='lack blocks.1.0.conv_pw.weight'):
+    efficientnet.convert_timm(without, coefficients=coefficients)
+  without = {k: v for k, v in arrays.items() if not k.startswith('blocks.0.0.')}
+  with pytest.raises(ValueError, match='lack blocks.0.0.bn1.running_mean'):
+    efficientnet.convert_timm(without, coefficients=coefficients)
+  extra = {**arrays, **{k.replace('blocks.3.1', 'blocks.3.2'): v
+                        for k, v in arrays.items() if k.startswith('blocks.3.1.')}}
+  with pytest.raises(ValueError, match='hold blocks.3.2.'):
+    efficientnet.convert_timm(extra, coefficients=coefficients)
 
 
 def test_bad_keras_tensors_are_named(keras_b0):

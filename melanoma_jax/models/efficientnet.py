@@ -11,16 +11,20 @@ converters fill from the source: a loaded model computes exactly what its
 source computes, and the statistics travel with checkpoints like BatchNorm's.
 """
 
+import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
+import ml_collections
 from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from melanoma_jax.models import interface
 from melanoma_jax.models.interface import mark_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,13 +47,15 @@ STAGES = ((3, 1, 1, 1, 16), (3, 2, 2, 6, 24), (5, 2, 2, 6, 40), (3, 3, 2, 6, 80)
           (5, 3, 1, 6, 112), (5, 4, 2, 6, 192), (3, 1, 1, 6, 320))
 SE_RATIO = 0.25
 BN_EPSILON = 1e-3
-# name: (width coefficient, depth coefficient, dropout rate, native image size)
+# name: (width coefficient, depth coefficient, native image size)
 SIZES = {
-    'b0': (1.0, 1.0, 0.2, 224),
-    'b1': (1.0, 1.1, 0.2, 240),
-    'b2': (1.1, 1.2, 0.3, 260),
-    'b3': (1.2, 1.4, 0.3, 300),
+    'b0': (1.0, 1.0, 224),
+    'b1': (1.0, 1.1, 240),
+    'b2': (1.1, 1.2, 260),
+    'b3': (1.2, 1.4, 300),
 }
+# Five stride-2 stages; Keras refuses smaller inputs too.
+MIN_IMAGE_SIZE = 32
 
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'truncated_normal')
 # flax counts a depthwise kernel's fan-out over all channels; its real fan-out
@@ -134,7 +140,8 @@ class EfficientNet(nn.Module):
     dropout_rate: dropout before the head.
     drop_connect_rate: stochastic-depth rate of the last block (linear from 0).
     preprocessing: key of PREPROCESSING, the input convention a fresh model starts with.
-    bn_momentum: BatchNorm running-statistics momentum (Keras 0.99).
+    bn_momentum: BatchNorm running-statistics momentum (torch's 0.1 is 0.9
+      here, what timm fine-tunes with; Keras uses 0.99).
     axis_name: the device axis BatchNorm averages batch statistics over;
       None outside pmap/shard_map.
     dtype: compute dtype (parameters stay float32).
@@ -145,7 +152,7 @@ class EfficientNet(nn.Module):
   dropout_rate: float = 0.2
   drop_connect_rate: float = 0.2
   preprocessing: str = 'torch'
-  bn_momentum: float = 0.99
+  bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -217,6 +224,7 @@ class _Variables:
 
   def __init__(self):
     self.flat: dict[tuple[str, ...], np.ndarray] = {}
+    self.sources: dict[tuple[str, ...], str] = {}  # our path -> the file's tensor
 
   def put(self, source: str, path: tuple[str, ...], value: np.ndarray, rank: int,
           transform=lambda value: value) -> None:
@@ -225,13 +233,73 @@ class _Variables:
     if value.ndim != rank:
       raise ValueError(f'tensor {source} has shape {value.shape}; expected {rank} dimensions')
     self.flat[path] = np.asarray(transform(value), np.float32)
+    self.sources[path] = source
 
   def input_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
     self.flat[('batch_stats', 'input_mean')] = np.asarray(mean, np.float32).reshape(3)
     self.flat[('batch_stats', 'input_std')] = np.asarray(std, np.float32).reshape(3)
 
-  def result(self) -> dict[str, Any]:
+  def result(self, coefficients: tuple[float, float] | None,
+             source_of: Callable[[tuple[str, ...]], str]) -> dict[str, Any]:
+    """The variables; checked against EfficientNet(width, depth) = `coefficients` if given.
+
+    `source_of` names the file's tensor for one of our paths the file lacks.
+    """
+    if coefficients is not None:
+      head = self.flat.get(('params', 'head', 'kernel'))
+      if head is None:
+        raise ValueError(f'The weights lack {source_of(("params", "head", "kernel"))}, the '
+                         'classifier.')
+      width, depth = coefficients
+      module = EfficientNet(num_classes=head.shape[-1], width=width, depth=depth)
+      template = traverse_util.flatten_dict(variable_shapes(module))
+      for path, shape in template.items():
+        where = '/'.join(path)
+        if path not in self.flat:
+          raise ValueError(f'The weights lack {source_of(path)} (for {where} {shape.shape}).')
+        if self.flat[path].shape != shape.shape:
+          raise ValueError(f'{self.sources.get(path, where)} has shape {self.flat[path].shape} in '
+                           f'flax layout; EfficientNet(width={width}, depth={depth}) needs '
+                           f'{shape.shape} for {where}.')
+      for path in self.flat.keys() - template.keys():
+        raise ValueError(f'The weights hold {self.sources[path]}, which EfficientNet('
+                         f'width={width}, depth={depth}) does not have.')
     return traverse_util.unflatten_dict(self.flat)
+
+
+def variable_shapes(module: EfficientNet) -> dict[str, Any]:
+  """The module's variables as shapes only (no compute)."""
+  return jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3), jnp.uint8),
+      train=False))
+
+
+# Our (collection, leaf) -> timm's leaf name, and Keras' index in the layer.
+_TIMM_LEAVES = {('params', 'kernel'): 'weight', ('params', 'bias'): 'bias',
+                ('params', 'scale'): 'weight', ('batch_stats', 'mean'): 'running_mean',
+                ('batch_stats', 'var'): 'running_var'}
+_KERAS_INDEX = {('params', 'kernel'): 0, ('params', 'scale'): 0, ('params', 'bias'): 1,
+                ('batch_stats', 'mean'): 2, ('batch_stats', 'var'): 3}
+
+
+def _timm_source(path: tuple[str, ...]) -> str:
+  """timm's name for our variable path."""
+  collection, *layers, leaf = path
+  if len(layers) == 1:
+    module = _TIMM_TOP[layers[0]]
+  else:
+    block, layer = layers
+    stage, index = int(block[5:-1]) - 1, ord(block[-1]) - ord('a')
+    table = _TIMM_SEPARABLE if STAGES[stage][3] == 1 else _TIMM_INVERTED
+    module = f'blocks.{stage}.{index}.{table[layer]}'
+  return f'{module}.{_TIMM_LEAVES[(collection, leaf)]}'
+
+
+def _keras_source(path: tuple[str, ...]) -> str:
+  """Keras' `layer/index` for our variable path."""
+  collection, *layers, leaf = path
+  layer = 'predictions' if layers == ['head'] else '_'.join(layers)
+  return f'{layer}/{_KERAS_INDEX[(collection, leaf)]}'
 
 
 def _timm_layer(module: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, ...] | None:
@@ -251,12 +319,15 @@ def _timm_layer(module: str, arrays: Mapping[str, np.ndarray]) -> tuple[str, ...
   return None
 
 
-def convert_timm(arrays: Mapping[str, np.ndarray], preprocessing: str = 'torch') -> dict[str, Any]:
+def convert_timm(arrays: Mapping[str, np.ndarray], preprocessing: str = 'torch',
+                 coefficients: tuple[float, float] | None = None) -> dict[str, Any]:
   """timm `tf_efficientnet_b*` state dict (numpy) -> flax variables.
 
   `preprocessing` names the checkpoint's input convention (PREPROCESSING):
   'torch' for timm's tf_efficientnet_b*.{in1k, aa_in1k, ns_jft_in1k}, 'tf'
   for .ap_in1k; timm's files do not record it (its pretrained_cfg does).
+  With `coefficients` (width, depth), raises ValueError naming the first
+  tensor that EfficientNet lacks, has in another shape, or does not have.
   """
   out = _Variables()
   for key, value in arrays.items():
@@ -283,7 +354,7 @@ def convert_timm(arrays: Mapping[str, np.ndarray], preprocessing: str = 'torch')
     else:
       raise ValueError(f'unexpected tensor {key}')
   out.input_stats(*PREPROCESSING[preprocessing])
-  return out.result()
+  return out.result(coefficients, _timm_source)
 
 
 def keras_input_stats(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -315,8 +386,12 @@ def _keras_layer(layer: str) -> tuple[str, ...] | None:
   return None
 
 
-def convert_keras(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Keras applications EfficientNetB* weights (`keras_h5.read_keras_h5`) -> flax variables."""
+def convert_keras(arrays: Mapping[str, np.ndarray],
+                  coefficients: tuple[float, float] | None = None) -> dict[str, Any]:
+  """Keras applications EfficientNetB* weights (`keras_h5.read_keras_h5`) -> flax variables.
+
+  With `coefficients` (width, depth), checked as `convert_timm` says.
+  """
   layers: dict[str, dict[int, np.ndarray]] = {}
   for key, value in arrays.items():
     layer, _, index = key.rpartition('/')
@@ -353,4 +428,30 @@ def convert_keras(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
       rank, transform = (2, lambda w: w) if kind == 'dense' else (4, lambda w: w[0, 0])
       out.put(name(0), ('params', *path, 'kernel'), weights[0], rank, transform)
       out.put(name(1), ('params', *path, 'bias'), weights[1], 1)
-  return out.result()
+  return out.result(coefficients, _keras_source)
+
+
+def build(size: str, model_config: ml_collections.ConfigDict, num_classes: int,
+          steps_per_epoch: int | None) -> EfficientNet:
+  del steps_per_epoch  # torch's momentum suits fine-tuning whatever the epoch length
+  width, depth, _ = SIZES[size]
+  return EfficientNet(num_classes=num_classes, width=width, depth=depth,
+                      dropout_rate=model_config.get('dropout_rate', 0.2),
+                      drop_connect_rate=model_config.get('drop_connect_rate', 0.2),
+                      bn_momentum=interface.bn_momentum(model_config, 0.9),
+                      dtype=jnp.dtype(model_config.get('dtype', 'float32')))
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  if config.image_size < MIN_IMAGE_SIZE:
+    raise ValueError(f'config.image_size={config.image_size} is too small for EfficientNet '
+                     f'(five stride-2 stages need >= {MIN_IMAGE_SIZE}).')
+
+
+def spec(size: str) -> interface.ModelSpec:
+  """The registry entry of one size: timm `.safetensors`, Keras `.h5` / `.weights.h5`."""
+  coefficients = SIZES[size][:2]
+  return interface.ModelSpec(
+      build=functools.partial(build, size), check=check,
+      converters={'safetensors': functools.partial(convert_timm, coefficients=coefficients),
+                  'h5': functools.partial(convert_keras, coefficients=coefficients)})
