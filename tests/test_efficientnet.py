@@ -163,3 +163,21 @@ def test_not_a_keras_file_is_refused(tmp_path):
     file.create_dataset('x', data=np.zeros(2))
   with pytest.raises(ValueError, match='neither a legacy Keras'):
     keras_h5.read_keras_h5(path)
+
+
+def test_grad_cam_features_are_the_last_map_before_pooling():
+  """d logit_c / d features = head kernel[:, c] / (h * w) everywhere: pooling, then the head."""
+  golden = np.load(FIXTURES / 'tf_efficientnet_reduced_golden.npz')
+  arrays = safetensors.numpy.load_file(FIXTURES / 'tf_efficientnet_reduced.safetensors')
+  variables = efficientnet.convert_timm(arrays)
+  model = efficientnet.EfficientNet(num_classes=golden['logits'].shape[1], width=0.25, depth=0.5)
+  images = golden['images'][:1]
+  _, marked = jax.jit(lambda v: model.apply(v, images, train=False, mutable=[
+      'intermediates', 'perturbations']))(variables)
+  features = marked['intermediates'][models.FEATURES][0]
+  gradient = jax.jit(jax.grad(lambda p: model.apply({**variables, 'perturbations': p}, images,
+                                                    train=False)[0, 2]))(marked['perturbations'])
+  h, w = features.shape[1:3]
+  assert (h, w) == (2, 2)  # 57 px / 32, rounded up by "same" padding
+  expected = np.broadcast_to(variables['params']['head']['kernel'][:, 2] / (h * w), features.shape)
+  np.testing.assert_allclose(gradient[models.FEATURES], expected, rtol=1e-5, atol=1e-8)
