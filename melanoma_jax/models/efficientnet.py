@@ -19,10 +19,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
-from flax import traverse_util
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from melanoma_jax.models import interface
 from melanoma_jax.models.interface import mark_features
