@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from melanoma_jax.errors import ConfigError
+
 NAMES = ('cross_entropy', 'weighted_cross_entropy', 'focal')
 
 
@@ -54,7 +56,7 @@ def inverse_frequency_weights(class_counts: np.ndarray) -> tuple[float, ...]:
   """n / (K * n_c) per class: each class then weighs as much in total (scikit-learn's 'balanced')."""
   counts = np.asarray(class_counts, np.float64)
   if np.any(counts == 0):
-    raise ValueError(f'Class-weighted loss needs every class in the training split; counts {counts.tolist()}.')
+    raise ConfigError(f'Class-weighted loss needs every class in the training split; counts {counts.tolist()}.')
   return tuple(float(w) for w in counts.sum() / (len(counts) * counts))
 
 
@@ -68,11 +70,11 @@ def make_loss(loss_config: ml_collections.ConfigDict | None,
   if loss_config is None:
     return None
   if loss_config.name not in NAMES:
-    raise ValueError(f'config.loss.name={loss_config.name!r}; choose one of {NAMES}.')
+    raise ConfigError(f'config.loss.name={loss_config.name!r}; choose one of {NAMES}.')
   if not 0 <= loss_config.label_smoothing < 1:
-    raise ValueError(f'config.loss.label_smoothing={loss_config.label_smoothing} must be in [0, 1).')
+    raise ConfigError(f'config.loss.label_smoothing={loss_config.label_smoothing} must be in [0, 1).')
   if loss_config.name == 'focal' and loss_config.focal_gamma <= 0:
-    raise ValueError(f'config.loss.focal_gamma={loss_config.focal_gamma} must be > 0 for the focal loss.')
+    raise ConfigError(f'config.loss.focal_gamma={loss_config.focal_gamma} must be > 0 for the focal loss.')
   weights = ()
   if loss_config.name == 'weighted_cross_entropy' and class_counts is not None:
     weights = inverse_frequency_weights(class_counts)

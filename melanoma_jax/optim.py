@@ -24,6 +24,8 @@ import ml_collections
 import optax
 from optax.contrib import ReduceLROnPlateauState
 
+from melanoma_jax.errors import ConfigError
+
 OptState = tuple[Any, ReduceLROnPlateauState]
 # With skip_nonfinite_steps, this many non-finite steps in a row are applied
 # anyway (making the loss non-finite), so the run stops instead of idling.
@@ -77,13 +79,13 @@ def keras_plateau(learning_rate: float, factor: float, patience: int,
   reduction; optax rests for `cooldown` update calls. Hence the mapping.
   """
   if min_delta <= 0:
-    raise ValueError(
+    raise ConfigError(
         f'plateau.min_delta must be > 0 (got {min_delta}); optax needs a '
         'positive tolerance. Keras\' default is 1e-4.')
   if not 0 < factor < 1:
-    raise ValueError(f'plateau.factor must be in (0, 1), got {factor}.')
+    raise ConfigError(f'plateau.factor must be in (0, 1), got {factor}.')
   if patience < 1:
-    raise ValueError(f'plateau.patience must be >= 1 epoch, got {patience}.')
+    raise ConfigError(f'plateau.patience must be >= 1 epoch, got {patience}.')
   return optax.contrib.reduce_on_plateau(
       factor=factor, patience=patience, rtol=0.0, atol=min_delta,
       cooldown=max(cooldown - 1, 0), min_scale=min_lr / learning_rate)
@@ -95,11 +97,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   if sched.name == 'constant':
     return optax.constant_schedule(config.learning_rate)
   if sched.name != 'warmup_cosine':
-    raise ValueError(f"config.schedule.name must be 'constant' or 'warmup_cosine', got {sched.name!r}.")
+    raise ConfigError(f"config.schedule.name must be 'constant' or 'warmup_cosine', got {sched.name!r}.")
   total = config.num_epochs * steps_per_epoch
   warmup = int(round(sched.warmup_epochs * steps_per_epoch))
   if not 0 <= warmup < total:
-    raise ValueError(f'config.schedule.warmup_epochs={sched.warmup_epochs} must be in [0, '
+    raise ConfigError(f'config.schedule.warmup_epochs={sched.warmup_epochs} must be in [0, '
                      f'num_epochs={config.num_epochs}).')
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total,
@@ -115,7 +117,7 @@ def _base(config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedu
                        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
   if config.optimizer == 'sgd':
     return optax.sgd(learning_rate, momentum=config.momentum or None)
-  raise ValueError(f"config.optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}.")
+  raise ConfigError(f"config.optimizer must be 'adam', 'adamw' or 'sgd', got {config.optimizer!r}.")
 
 
 def head_or_backbone(params: Any) -> Any:
@@ -135,12 +137,14 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) 
   """
   p = config.plateau
   schedule = learning_rate_schedule(config, steps_per_epoch)
+  constant = (config.get('schedule') or {}).get('name', 'constant') == 'constant'
   backbone = config.get('backbone') or ml_collections.ConfigDict({'lr_multiplier': 1.0, 'frozen_epochs': 0})
   if backbone.lr_multiplier < 0 or backbone.frozen_epochs < 0:
-    raise ValueError(f'config.backbone.lr_multiplier={backbone.lr_multiplier} and frozen_epochs='
+    raise ConfigError(f'config.backbone.lr_multiplier={backbone.lr_multiplier} and frozen_epochs='
                      f'{backbone.frozen_epochs} must be >= 0.')
   if backbone.lr_multiplier == 1 and not backbone.frozen_epochs:
-    base = _base(config, schedule)
+    # A constant rate as a float: the optimizer state of the seed recipe (and its checkpoints).
+    base = _base(config, config.learning_rate if constant else schedule)
   else:
     frozen_steps = backbone.frozen_epochs * steps_per_epoch
     backbone_schedule = lambda step: jnp.where(step < frozen_steps, 0.0,
@@ -154,4 +158,4 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) 
       plateau=keras_plateau(config.learning_rate, p.factor, p.patience,
                             p.min_delta, p.cooldown, p.min_lr),
       learning_rate=config.learning_rate,
-      schedule=None if (config.get('schedule') or {}).get('name', 'constant') == 'constant' else schedule)
+      schedule=None if constant else schedule)
