@@ -14,9 +14,7 @@ fold model that did not train on it), so all runs of an ensemble must
 validate on the same images (the same dataset and split settings).
 """
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -32,7 +30,6 @@ from melanoma_jax import evaluation, input_pipeline
 COMBINE = ('mean', 'rank')
 CV_FILE = 'cv_config.json'  # Marks a cross-validation run; written by cross_validation.
 ENSEMBLE_FILE = 'ensemble.json'  # Members, combination and rank references, for inference.
-PREDICTIONS_FILE = 'predictions.csv'
 
 
 class EnsembleError(ValueError):
@@ -188,7 +185,7 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
       'members': [f'{m["workdir"]} (step {m["step"]}, {m["image_size"]} px)' for m in models],
       'runs': [str(w) for w in workdirs], 'combine': method, 'tta': tta, 'selected_by': selected_by,
   }
-  predictions = {name: evaluation.Predictions(s.scores, s.labels, _nll(s.scores, s.labels))
+  predictions = {name: evaluation.Predictions(s.scores, s.labels, _nll(s.scores, s.labels), s.file_names)
                  for name, s in (('val', val), (split, evaluated))}
   result = evaluation.evaluate_predictions(predictions, class_names, split, target_sensitivity,
                                            description)
@@ -203,18 +200,9 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
 
 
 def write_predictions(path: epath.PathLike, scored: Scored, class_names: Sequence[str]) -> None:
-  """One row per image: file, label, predicted class, p(melanoma), p_<class>...; process 0 only."""
-  if jax.process_index() != 0:
-    return
-  m = evaluation.melanoma_index(class_names)
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator='\n')
-  writer.writerow(['file', 'label', 'predicted_class', 'melanoma_probability',
-                   *(f'p_{name}' for name in class_names)])
-  for name, label, scores in zip(scored.file_names, scored.labels, scored.scores):
-    writer.writerow([name, class_names[label], class_names[int(np.argmax(scores))],
-                     '' if m is None else f'{scores[m]:.6f}', *(f'{p:.6f}' for p in scores)])
-  epath.Path(path).write_text(out.getvalue())
+  """`scored` as predictions.csv (`evaluation.write_predictions_csv`); process 0 only."""
+  if jax.process_index() == 0:
+    evaluation.write_predictions_csv(path, scored.file_names, scored.labels, scored.scores, class_names)
 
 
 def write(output_dir: epath.PathLike, result: EnsembleEvaluation) -> None:
@@ -223,8 +211,7 @@ def write(output_dir: epath.PathLike, result: EnsembleEvaluation) -> None:
   if jax.process_index() != 0:
     return
   output_dir = epath.Path(output_dir)
-  evaluation.write_reports(output_dir, result.evaluation)
-  write_predictions(output_dir / PREDICTIONS_FILE, result.evaluated, result.class_names)
+  evaluation.write_reports(output_dir, result.evaluation)  # predictions.csv included
   evaluation.write_operating_point(output_dir, result.evaluation.report['operating_point'])
   (output_dir / ENSEMBLE_FILE).write_text(json.dumps(result.description, indent=2))
 
@@ -247,15 +234,16 @@ def predict_files(description: dict[str, Any], files: Sequence[Any], batch_size:
   (`description`, from ensemble.json), so the scores match its threshold.
   """
   # pylint: disable=g-import-not-at-top  (both import evaluation, which this module's users import)
-  from melanoma_jax import inference, train
+  from melanoma_jax import cli, inference, train
   per_model, errors = [], None
   for model in description['models']:
     try:
-      state, config, _ = train.restore_for_inference(model['workdir'], model['step'])
+      state, config, meta = train.restore_for_inference(model['workdir'], model['step'])
     except FileNotFoundError as e:
       raise EnsembleError(f'{e} The ensemble was evaluated with that checkpoint: evaluate the '
                           'ensemble again to use the runs as they are now.') from None
-    rows = list(inference.predict_files(state, files, config.image_size, batch_size, description['tta']))
+    rows = list(inference.predict_files(state, files, config.image_size, batch_size, description['tta'],
+                                        cli.stored_image_size(config, meta)))
     errors = [error for _, _, error in rows]
     per_model.append([probs for _, probs, _ in rows])
   references = {k: np.asarray(v) for k, v in (description.get('references') or {}).items()}

@@ -20,10 +20,15 @@ also gets predictions.csv, operating_point.json and ensemble.json, which
 import math
 from collections.abc import Sequence
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 from etils import epath
 
-from melanoma_jax import cli, ensemble, evaluation, input_pipeline, runtime
+from melanoma_jax import cli, ensemble, evaluation, input_pipeline
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target_sensitivity.
 
@@ -45,14 +50,15 @@ def _evaluate_ensemble(args) -> None:
   if jax.process_index() == 0:
     print(evaluation.headline(result.evaluation.report))
     print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
-          f'{ensemble.PREDICTIONS_FILE}, {ensemble.ENSEMBLE_FILE} and plots.')
+          f'{evaluation.PREDICTIONS_CSV}, {ensemble.ENSEMBLE_FILE} and plots.')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__, several=True)
   parser.add_argument('--split', choices=('train', 'val', 'test'), default='test',
                       help='Split to report on (besides validation, where the threshold is chosen).')
-  parser.add_argument('--output_dir', default=None, help='Default: WORKDIR/evaluation/<split>-step<N>.')
+  parser.add_argument('--output_dir', default=None, type=cli.user_path,
+                      help='Default: WORKDIR/evaluation/<split>-step<N>.')
   parser.add_argument('--target_sensitivity', type=float, default=None,
                       help='Melanoma sensitivity the threshold must reach on validation; '
                       "default: the run's config.")
@@ -84,5 +90,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

@@ -10,17 +10,21 @@ its row. --json also writes the same as JSON next to the CSV; --tta averages
 the 8 flips and rotations of each image.
 """
 
-import csv
 import json
 import pathlib
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 import numpy as np
 
-from melanoma_jax import cli, ensemble, evaluation, runtime, steps
+from melanoma_jax import cli, ensemble, evaluation, preprocessing, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -43,27 +47,29 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
-def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'no such file'
   try:
-    return image_folders.decode_image(path, image_size).pixels, None
-  except image_folders.UnreadableImageError as e:
+    return preprocessing.model_input(path, stored_size, image_size), None
+  except preprocessing.UnreadableImageError as e:
     return None, str(e)
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False
+                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
   """(file, class probabilities or None, error or None) per file, in order.
 
-  Files are decoded a batch at a time; every batch is padded to
-  `batch_size`, so the jitted predict compiles once.
+  Files are decoded as the run's dataset stored its images (`stored_size`,
+  default `image_size`) and resized as training resized them
+  (`preprocessing.model_input`). They are decoded a batch at a time; every
+  batch is padded to `batch_size`, so the jitted predict compiles once.
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -89,24 +95,12 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
-def _cell(value: Any) -> Any:
-  if value is None:
-    return ''
-  if isinstance(value, bool):
-    return 'yes' if value else 'no'
-  return f'{value:.6f}' if isinstance(value, float) else value
-
-
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert',
              *(f'p_{name}' for name in class_names), 'error']
-  with path.open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      flat = {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}}
-      writer.writerow({c: _cell(flat[c]) for c in columns})
+  evaluation.write_csv(path, columns, [
+      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
 def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
@@ -133,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
                       "models, --combine, --tta, threshold); default: a CV run's own.")
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=int, default=32)
@@ -155,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
   _write_results(args, class_names, threshold, predict_files(
-      state, files, config.image_size, args.batch_size, args.tta), step=int(state.step))
+      state, files, config.image_size, args.batch_size, args.tta, cli.stored_image_size(config, meta)),
+                 step=int(state.step))
 
 
 def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
@@ -175,5 +170,4 @@ def _write_results(args, class_names: Sequence[str], threshold: float | None, re
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

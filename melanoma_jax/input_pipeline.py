@@ -24,7 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from melanoma_jax import datasets
+from melanoma_jax import datasets, preprocessing
 from melanoma_jax.datasets import image_folders
 
 # Importing the builder modules registers them with TFDS.
@@ -51,11 +51,16 @@ class Examples:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The three splits the training loop uses, and the label names."""
+  """The three splits the training loop uses, and the label names.
+
+  `stored_image_size` is the side of the dataset's stored squares, which the
+  splits were resized from (`preprocessing`): prediction on files needs it.
+  """
   train: Examples
   val: Examples
   test: Examples
   class_names: tuple[str, ...]
+  stored_image_size: int | None = None
 
 
 class DataError(ValueError):
@@ -80,8 +85,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   """All examples of `split`, resized to image_size, in the builder's order."""
 
   def resize(example):
-    image = tf.image.resize(example['image'], (image_size, image_size), antialias=True)
-    return {**example, 'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
+    return {**example, 'image': preprocessing.resize(example['image'], image_size)}
 
   if split not in builder.info.splits:
     raise DataError(
@@ -186,7 +190,8 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   else:
     train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
                                         config.val_fraction, config.seed)
-  return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names)
+  return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names,
+              builder.info.features['image'].shape[0])
 
 
 def host_shard(examples: Examples) -> Examples:

@@ -164,7 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reporting.write_history(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
-  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names), **kw}
+  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
+                                  'stored_image_size': data.stored_image_size, **kw}
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))

@@ -117,7 +117,7 @@ def test_cv_writes_fold_runs_oof_predictions_and_report(cv_run):
     assert sorted(np.concatenate([data.train.file_names, data.val.file_names])) == train_files
   rows = _csv(workdir / cross_validation.OOF_FILE)
   assert sorted(row['file'] for row in rows) == train_files  # Every Train image exactly once.
-  predictions = _csv(workdir / ensemble.PREDICTIONS_FILE)
+  predictions = _csv(workdir / evaluation.PREDICTIONS_CSV)
   assert list(rows[0]) == list(predictions[0])
   assert list(rows[0])[:4] == ['file', 'label', 'predicted_class', 'melanoma_probability']
   # Out-of-fold rows of fold 1 are fold 1's model on its own validation images.
@@ -144,7 +144,7 @@ def test_fold_ensemble_averages_the_fold_models_at_the_oof_threshold(cv_run):
   workdir, config, _ = cv_run
   data = input_pipeline.load_data(cross_validation.fold_config(config, 0))
   expected = np.mean(_fold_probs(workdir, data.test.images), axis=0)
-  rows = {row['file']: row for row in _csv(workdir / ensemble.PREDICTIONS_FILE)}
+  rows = {row['file']: row for row in _csv(workdir / evaluation.PREDICTIONS_CSV)}
   names = json.loads((workdir / ensemble.ENSEMBLE_FILE).read_text())['class_names']
   got = [[float(rows[f][f'p_{c}']) for c in names] for f in data.test.file_names]
   np.testing.assert_allclose(got, expected, atol=2e-6)
@@ -165,9 +165,9 @@ def test_one_command_evaluates_the_fold_ensemble_with_rank_and_tta(cv_run, tmp_p
   assert len(report['checkpoint']['members']) == K
   markdown = (tmp_path / evaluation.REPORT_MD).read_text()
   assert 'Ensemble of 3 models (rank)' in markdown and 'Test-time augmentation' in markdown
-  assert len(_csv(tmp_path / ensemble.PREDICTIONS_FILE)) == report['splits']['test']['num_examples']
+  assert len(_csv(tmp_path / evaluation.PREDICTIONS_CSV)) == report['splits']['test']['num_examples']
   # Inference with that ensemble gives the evaluated scores: a Test image, written out, scores the same.
-  test_row = _csv(tmp_path / ensemble.PREDICTIONS_FILE)[0]
+  test_row = _csv(tmp_path / evaluation.PREDICTIONS_CSV)[0]
   description = ensemble.read_description(tmp_path)
   image_path = tmp_path / 'lesion.png'
   images = input_pipeline.load_data(train.restore_for_inference(str(workdir / 'fold_0'))[1]).test
