@@ -50,7 +50,8 @@ def _claim(workdir: epath.Path, config: ml_collections.ConfigDict, start_over: b
                         'another --workdir, or pass --start_over to move the old fold runs aside.')
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'num_folds': config.num_folds, 'config': config.to_dict()}, indent=2))
+    path.write_text(json.dumps({'num_folds': config.num_folds, 'config': json.loads(config.to_json())},
+                               indent=2))
 
 
 def run_all_folds(config: ml_collections.ConfigDict, workdir: str,
@@ -60,7 +61,7 @@ def run_all_folds(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError('--all_folds needs --config.num_folds=K with K >= 2.')
   workdir = epath.Path(workdir)
   _claim(workdir, config, start_over)
-  for fold, fold_dir in enumerate(ensemble.fold_dirs(workdir)):
+  for fold, fold_dir in enumerate(ensemble.fold_dirs(workdir, config.num_folds)):
     if (fold_dir / FINISHED_FILE).exists() and not start_over:
       logging.info('Fold %d/%d is finished (%s); skipped.', fold, config.num_folds, fold_dir)
       continue

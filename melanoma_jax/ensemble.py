@@ -45,10 +45,11 @@ def is_cv_run(workdir: epath.PathLike) -> bool:
   return (epath.Path(workdir) / CV_FILE).exists()
 
 
-def fold_dirs(workdir: epath.PathLike) -> list[epath.Path]:
-  """The fold runs of a cross-validation run, in fold order."""
+def fold_dirs(workdir: epath.PathLike, num_folds: int | None = None) -> list[epath.Path]:
+  """The fold runs of a cross-validation run, in fold order (`num_folds` default: its CV_FILE's)."""
   workdir = epath.Path(workdir)
-  num_folds = json.loads((workdir / CV_FILE).read_text())['num_folds']
+  if num_folds is None:
+    num_folds = json.loads((workdir / CV_FILE).read_text())['num_folds']
   return [workdir / f'fold_{i}' for i in range(num_folds)]
 
 

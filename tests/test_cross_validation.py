@@ -203,4 +203,18 @@ def test_rerun_skips_finished_folds_and_finishes_an_unfinished_one(cv_run):
 def test_runs_validating_on_different_images_are_refused(cv_run):
   workdir, _, _ = cv_run
   with pytest.raises(SystemExit, match='different validation images'):
-    evaluate.main(['--workdir', str(workdir), str(workdir / 'fold_0')])
+    evaluate.main(['--workdir', str(workdir / 'fold_0'), str(workdir / 'fold_1')])
+
+
+def test_evaluation_tta_averages_the_eight_dihedral_views(cv_run):
+  workdir, config, _ = cv_run
+  state, _, _ = train.restore_for_inference(str(workdir / 'fold_0'))
+  examples = input_pipeline.load_data(cross_validation.fold_config(config, 0)).test.take(np.arange(12))
+  views = [np.rot90(examples.images, k, axes=(1, 2)) for k in range(4)]
+  views += [np.flip(v, axis=2) for v in views]
+  predict = jax.jit(steps.predict)
+  expected = np.mean([np.asarray(predict(state, np.ascontiguousarray(v))) for v in views], axis=0)
+  got = evaluation.gather_predictions(state, examples, 8, tta=True)
+  np.testing.assert_allclose(got.probs, expected, atol=2e-6)
+  assert not np.allclose(evaluation.gather_predictions(state, examples, 8).probs, expected, atol=1e-4)
+  np.testing.assert_allclose(got.losses, -np.log(expected[np.arange(12), examples.labels]), rtol=1e-4)
