@@ -361,6 +361,10 @@ def _models_lines(checkpoint: dict[str, Any]) -> list[str]:
     lines = [f'Ensemble of {len(checkpoint["members"])} models ({checkpoint["combine"]}), threshold '
              f'chosen on {checkpoint["selected_by"]}:', '',
              *(f'- {member}' for member in checkpoint['members'])]
+    if checkpoint['combine'] == 'rank':
+      lines += ['', 'Scores are averaged ranks (quantiles among each model\'s validation scores), not '
+                'probabilities: the predicted class is the one the image ranks highest in, and the '
+                'calibration figures (ECE, reliability) do not apply.']
   else:
     lines = [f'Checkpoint: step {checkpoint["step"]}, epoch {checkpoint["epoch"]} '
              f'({checkpoint["selected_by"]}).']
