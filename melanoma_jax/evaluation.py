@@ -387,7 +387,7 @@ def to_markdown(full: dict[str, Any]) -> str:
     lines += ['No melanoma alert: the classes have no melanoma, or validation none.', '']
   else:
     lines += ['## Melanoma alert (melanoma vs rest)', '',
-              f'Alert when p(melanoma) >= **{op["threshold"]:.4f}**, chosen on validation as the highest '
+              f'Alert when p(melanoma) >= **{op["threshold"]:.4f}**, chosen on {op["chosen_on"]} as the highest '
               f'threshold with sensitivity >= {op["target_sensitivity"]:.2f}.', '']
     lines += _table(header, [(title, *(splits[n]['melanoma'][key] for n in names))
                              for title, key in _MELANOMA_ROWS]) + ['']

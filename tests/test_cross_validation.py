@@ -165,7 +165,7 @@ def test_one_command_evaluates_the_fold_ensemble_with_rank_and_tta(cv_run, tmp_p
   assert len(report['checkpoint']['members']) == K
   markdown = (tmp_path / evaluation.REPORT_MD).read_text()
   assert 'Ensemble of 3 models (rank)' in markdown and 'Test-time augmentation' in markdown
-  assert 'not probabilities' in markdown
+  assert 'not probabilities' in markdown and 'chosen on out-of-fold predictions as the highest' in markdown
   assert len(_csv(tmp_path / evaluation.PREDICTIONS_CSV)) == report['splits']['test']['num_examples']
   # Inference with that ensemble gives the evaluated scores: a Test image, written out, scores the same.
   test_row = _csv(tmp_path / evaluation.PREDICTIONS_CSV)[0]
