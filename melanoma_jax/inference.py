@@ -25,10 +25,9 @@ if __name__ == '__main__':
   runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import calibration, cli, evaluation, ood, preprocessing, steps
+from melanoma_jax import calibration, cli, ensemble, evaluation, ood, preprocessing, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -48,20 +47,7 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   return found
 
 
-def dihedral(images: jax.Array, k: int) -> jax.Array:
-  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
-  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
-  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
-
-
-def predict_tta(state: steps.TrainState, images: jax.Array) -> jax.Array:
-  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
-  batch = images.shape[0]
-  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
-  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
-
-
-_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
+_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
 def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
@@ -138,8 +124,29 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
+def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
+  try:
+    description = ensemble.read_description(args.ensemble or args.workdir[0])
+    if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
+      raise ensemble.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
+                                   f'{description["runs"]}, not of {args.workdir}.')
+    if args.tta != description['tta']:
+      raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+                                   '--tta and its threshold holds only that way: pass the same.')
+    results = ensemble.predict_files(description, files, args.batch_size)
+  except ensemble.EnsembleError as e:
+    sys.exit(f'Error: {e}')
+  operating_point = description['operating_point']
+  threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
+  return description['class_names'], threshold, results
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__)
+  parser = cli.run_parser(__doc__, several=True)
+  parser.add_argument('--ensemble', default=None,
+                      help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
+                      "models, --combine, --tta, threshold); default: a CV run's own.")
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
   parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
@@ -148,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--threshold', type=float, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
+  files = find_images(args.paths)
+  if len(args.workdir) > 1 or ensemble.is_cv_run(args.workdir[0]) or args.ensemble:
+    class_names, threshold, results = _ensemble_predictions(args, files)
+    _write_results(args, class_names, threshold, results, step=None)
+    return
+  args.workdir = args.workdir[0]
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   operating_point = evaluation.read_operating_point(args.workdir)
@@ -158,21 +171,32 @@ def main(argv: Sequence[str] | None = None) -> None:
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
   temperature = _for_this_step(calibration.read(args.workdir), state, 'calibration')
   detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
-  scorer = ood.scorer(detector) if detector else None
+  results = predict_files(state, files, config.image_size, args.batch_size, args.tta,
+                          cli.stored_image_size(config, meta), detector and ood.scorer(detector))
+  _write_results(args, class_names, threshold, results, step=int(state.step), temperature=temperature,
+                 detector=detector)
+
+
+def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
+                   step: int | None, temperature: dict[str, Any] | None = None,
+                   detector: dict[str, Any] | None = None) -> None:
+  """The CSV (and JSON) of `results`: (file, probabilities, error[, out-of-distribution score]).
+
+  `temperature` (the run's calibration) scales the probabilities; with the
+  run's `detector`, images beyond its threshold are refused.
+  """
   rows = []
-  for path, probs, error, score in predict_files(state, find_images(args.paths), config.image_size,
-                                                 args.batch_size, args.tta,
-                                                 cli.stored_image_size(config, meta), scorer):
+  for path, probs, error, *score in results:
     if probs is not None and temperature:
       probs = calibration.scale(probs, temperature['temperature'])
-    rows.append(prediction_row(path, probs, error, class_names, threshold, score,
+    rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
                                detector and detector['threshold']))
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
   if args.json:
     output.with_suffix('.json').write_text(json.dumps({
-        'workdir': args.workdir, 'step': int(state.step), 'class_names': class_names,
+        'workdir': args.workdir, 'step': step, 'class_names': class_names,
         'threshold': threshold, 'tta': args.tta,
         'temperature': temperature and temperature['temperature'],
         'ood_threshold': detector and detector['threshold'], 'predictions': rows}, indent=2))
