@@ -58,8 +58,7 @@ def features_and_logits(state: steps.TrainState, images: jax.Array) -> tuple[jax
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(capture_head_input):
-    logits = state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                               train=False)
+    logits = state.model.apply(state.variables, images, train=False)
   if not captured:
     raise ValueError(f'{type(state.model).__name__} has no Dense layer named {HEAD!r} (the classifier); '
                      'out-of-distribution scores need its input.')

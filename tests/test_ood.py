@@ -37,7 +37,7 @@ class _Headless(nn.Module):
 
 def _state(model):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3), jnp.uint8), train=False)
-  return steps.TrainState(step=jnp.asarray(0), params=variables['params'], batch_stats={},
+  return steps.TrainState(step=jnp.asarray(0), params=variables['params'], model_state={},
                           opt_state=None, rng=None, model=model, tx=None)
 
 
