@@ -245,8 +245,8 @@ def predict_files(description: dict[str, Any], files: Sequence[Any], batch_size:
                           'ensemble again to use the runs as they are now.') from None
     rows = list(inference.predict_files(state, files, config.image_size, batch_size, description['tta'],
                                         cli.stored_image_size(config, meta)))
-    errors = [error for _, _, error in rows]
-    per_model.append([probs for _, probs, _ in rows])
+    errors = [error for _, _, error, _ in rows]
+    per_model.append([probs for _, probs, _, _ in rows])
   references = {k: np.asarray(v) for k, v in (description.get('references') or {}).items()}
   readable = [i for i, error in enumerate(errors) if error is None]
   scores = {}

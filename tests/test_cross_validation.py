@@ -134,7 +134,7 @@ def test_cv_writes_fold_runs_oof_predictions_and_report(cv_run):
   assert report['test']['accuracy']['std'] == pytest.approx(np.std(accuracies, ddof=1))
   held_out = [json.loads((workdir / f'fold_{i}' / evaluation.REPORT_JSON).read_text())['splits']['val']
               for i in range(K)]
-  sens = [r['melanoma']['sensitivity'] for r in held_out]
+  sens = [r['melanoma']['sensitivity']['value'] for r in held_out]
   assert report['held_out_fold']['melanoma.sensitivity']['mean'] == pytest.approx(np.mean(sens))
   assert report == summary
   assert '| melanoma.roc_auc |' in (workdir / cross_validation.CV_REPORT_MD).read_text()

@@ -105,7 +105,7 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
                                   ('other', 'melanoma'), num_resamples=100)
   markdown = evaluation.to_markdown({
       'split': 'test', 'class_names': ['other', 'melanoma'], 'calibration_binning': '',
-      'operating_point': {'threshold': threshold, 'target_sensitivity': 0.9},
+      'operating_point': {'threshold': threshold, 'target_sensitivity': 0.9, 'chosen_on': 'validation'},
       'checkpoint': {'step': 1, 'epoch': 1, 'selected_by': 'x'}, 'splits': {'test': split},
       'subgroups': report})
   assert '## Subgroups (Test; melanoma vs rest)' in markdown and '| acral |' in markdown
