@@ -19,7 +19,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, losses,
-                          metrics as metrics_lib, models, optim, preemption, reporting, steps)
+                          metrics as metrics_lib, model_summary, models, optim, preemption, reporting,
+                          steps)
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -55,6 +56,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       '(parameters always stay float32).')
   if not 0 < config.val_fraction < 1:
     raise ConfigError(f'config.val_fraction={config.val_fraction} must be in (0, 1).')
+  num_folds = config.get('num_folds', 0)
+  if num_folds and not (num_folds >= 2 and 0 <= config.fold < num_folds):
+    raise ConfigError(f'config.num_folds={num_folds}, config.fold={config.fold}: cross-validation '
+                      'needs num_folds >= 2 (0 turns it off) and fold in [0, num_folds).')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be >= 1.')
   if not 0 < config.target_sensitivity <= 1:
@@ -144,6 +149,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, meta = checkpointing.restore_latest(manager, fresh, workdir)
   if not meta and config.model.get('init_from'):
     state = _init_from_pretrained(state, config)
+  reporting.write_model_summary(workdir, model_summary.layer_table(
+      state.model, (config.image_size, config.image_size, 3), train=False))
+  if not meta:
+    reporting.plot_dataset_overview(workdir, data, input_pipeline.expected_draws_per_class(
+        data.train.labels, num_classes, config.balance_classes, epoch_steps * config.batch_size))
   # Replicated on this host's devices, as the pmapped step returns it: the
   # step donates the state, and donation that needs resharding fails on
   # multi-host pmap.
@@ -152,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reporting.write_history(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
-  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names), **kw}
+  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
+                                  'stored_image_size': data.stored_image_size, **kw}
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from melanoma_jax.models import interface, resnet, seed_cnn, weight_files
+from melanoma_jax.models import efficientnet, interface, resnet, seed_cnn, vit, weight_files
 from melanoma_jax.models.interface import FEATURES, ModelSpec, mark_features
 from melanoma_jax.models.seed_cnn import SeedCNN
 
@@ -20,6 +20,12 @@ MODELS: dict[str, ModelSpec] = {
     'resnet18': resnet.spec(resnet.ResNet18),
     'resnet34': resnet.spec(resnet.ResNet34),
     'resnet50': resnet.spec(resnet.ResNet50),
+    'efficientnet_b0': efficientnet.spec('b0'),
+    'efficientnet_b1': efficientnet.spec('b1'),
+    'efficientnet_b2': efficientnet.spec('b2'),
+    'efficientnet_b3': efficientnet.spec('b3'),
+    'vit_s16': vit.spec(vit.ViTS16),
+    'vit_b16': vit.spec(vit.ViTB16),
 }
 
 HEAD = 'head'
@@ -49,12 +55,13 @@ def load_pretrained(name: str, path: epath.PathLike,
   """
   model_spec = spec(name)
   arrays = weight_files.read(path, sorted(model_spec.converters))
-  variables = model_spec.converters[weight_files.format_of(path)](arrays)
+  fmt = weight_files.format_of(path)
+  variables = model_spec.converters[fmt](arrays)
   num_classes = variables['params'][HEAD]['kernel'].shape[-1]
   config = ml_collections.ConfigDict({'name': name, 'dropout_rate': 0.0})
   if model_config is not None:
     config.update(model_config)
-  return build(config, num_classes), variables
+  return build(config, num_classes).clone(**model_spec.pretrained_fields.get(fmt, {})), variables
 
 
 def fit_pretrained(name: str, pretrained: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:

@@ -39,11 +39,15 @@ class ModelSpec:
     adapt: optional; fits converted variables to a differently shaped module
       of the same model (e.g. resampled position embeddings for another image
       size): (converted, template) -> variables. None: shapes must match.
+    pretrained_fields: weight-file format -> module fields `load_pretrained`
+      sets so the module computes that source's function (e.g. timm's erf GELU
+      for a ViT's .safetensors, where big_vision's .npz wants the tanh one).
   """
   build: Builder
   check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
   converters: Mapping[str, Converter] = dataclasses.field(default_factory=dict)
   adapt: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+  pretrained_fields: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def mark_features(module: nn.Module, x: jax.Array) -> jax.Array:
