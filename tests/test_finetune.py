@@ -42,9 +42,12 @@ def test_warmup_cosine_schedule_equals_the_formula():
     else:
       expected = 0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * (step - 10) / 30))
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+  longer = optim.learning_rate_schedule(_config(**{'schedule.name': 'warmup_cosine',
+                                                   'schedule.warmup_epochs': 6.0}), 10)
+  assert float(longer(20)) == pytest.approx(0.1 * 20 / 40)  # the run only warms up
   with pytest.raises(ConfigError, match='warmup_epochs'):
     optim.learning_rate_schedule(_config(**{'schedule.name': 'warmup_cosine',
-                                            'schedule.warmup_epochs': 4.0}), 10)
+                                            'schedule.warmup_epochs': -1.0}), 10)
 
 
 def _sgd_updates(config, steps_per_epoch, num_steps):
