@@ -4,7 +4,8 @@ Each `python launch.py ...` and `python -m melanoma_jax....` command of
 README.md's shell blocks (```bash and plain ```) runs in a temporary current directory holding only
 what a clone has there (launch.py and configs/, linked), with relative
 paths exactly as written. Allowed changes: size overrides appended to
-training commands (a tiny dataset, one epoch, 32 px), optional `[...]` parts
+training commands (a tiny dataset, one epoch, 32 px, unless the command sets
+its own), optional `[...]` parts
 included with their placeholders filled in, and input files made under the
 names the README uses (PATH, ROOT, lesions/, extra.jpg, lesion.jpg). The
 environment is a user's: no XLA flags, TensorFlow log level or glibc
@@ -34,6 +35,8 @@ TIMEOUT = 300  # seconds per command; a hang fails the test
 # Appended to training commands (never to --mode=prepare): a tiny run.
 SIZE_OVERRIDES = ('--config.num_epochs=1', '--config.image_size=32', '--config.batch_size=8')
 TINY_SYNTHETIC = '--config.dataset=synthetic_lesions/tiny'
+# Recipes whose learning-rate warmup needs their own epoch count (3 with :synthetic).
+KEEP_EPOCHS = ('configs/finetune.py',)
 FOLDER_CLASSES = ('melanoma', 'nevus', 'seborrheic keratosis')
 SKIPPED = {  # What a command needs that a test machine lacks.
     'gs://': 'needs a Cloud TPU VM slice and a gs:// bucket',
@@ -121,7 +124,10 @@ class User:
     tokens = [t.strip('[]') for t in tokens]  # Optional parts included.
     if module is None and _flag(tokens, 'mode') != 'prepare':
       synthetic = _flag(tokens, 'config').endswith(':synthetic')
-      tokens += [*SIZE_OVERRIDES, *([TINY_SYNTHETIC] if synthetic else [])]
+      tokens += [flag for flag in (*SIZE_OVERRIDES, *([TINY_SYNTHETIC] if synthetic else []))
+                 if not _flag(tokens, flag[2:].split('=')[0])  # the command's own size stays
+                 and not (flag.startswith('--config.num_epochs=') and _flag(tokens, 'config').startswith(
+                     KEEP_EPOCHS))]
     proc = subprocess.run([sys.executable, *tokens[1:]], cwd=cwd, env=self.env, capture_output=True,
                           text=True, timeout=TIMEOUT, check=False)
     output = proc.stdout + proc.stderr
