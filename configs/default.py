@@ -31,6 +31,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
   config.val_fraction = 0.2
+  # Grouped, stratified k-fold cross-validation: with num_folds=K (>= 2),
+  # validation is fold `fold` (0..K-1) of Train instead of val_fraction of
+  # it; `launch.py --all_folds` trains every fold. 0: no folds.
+  config.num_folds = 0
+  config.fold = 0
   config.balance_classes = False
 
   config.augment = ml_collections.ConfigDict()
