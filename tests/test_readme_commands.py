@@ -79,7 +79,19 @@ def workdir_outputs() -> list[str]:
 
 
 def _flag(tokens: list[str], name: str) -> str | None:
-  return next((t.split('=', 1)[1] for t in tokens if t.startswith(f'--{name}=')), None)
+  """The value of --name=VALUE or --name VALUE (the first, for a flag given several)."""
+  for i, token in enumerate(tokens):
+    if token.startswith(f'--{name}='):
+      return token.split('=', 1)[1]
+    if token == f'--{name}' and i + 1 < len(tokens):
+      return tokens[i + 1]
+  return None
+
+
+def _inputs(tokens: list[str]) -> list[str]:
+  """The positional arguments of a melanoma_jax command (its input files and folders)."""
+  return [t for i, t in enumerate(tokens[3:], 3) if not t.startswith('-')
+          and not (tokens[i - 1].startswith('--') and '=' not in tokens[i - 1])]
 
 
 @pytest.fixture(scope='module')
@@ -119,8 +131,9 @@ class User:
       # The README command that trains this run comes first.
       self.run(next(c for c in readme_commands() if c.startswith('python launch.py')
                     and _flag(shlex.split(c), 'workdir') == workdir))
-      steps = sorted(int(p.name) for p in (cwd / workdir / 'checkpoints').iterdir() if p.name.isdigit())
-      tokens = [t.replace('=N', f'={steps[-1]}') for t in tokens]
+      if any(t.endswith('=N]') for t in tokens):
+        steps = sorted(int(p.name) for p in (cwd / workdir / 'checkpoints').iterdir() if p.name.isdigit())
+        tokens = [t.replace('=N]', f'={steps[-1]}]') for t in tokens]
     tokens = [t.strip('[]') for t in tokens]  # Optional parts included.
     if module is None and _flag(tokens, 'mode') != 'prepare':
       synthetic = _flag(tokens, 'config').endswith(':synthetic')
@@ -155,20 +168,23 @@ def _check_outputs(tokens: list[str], output: str, user: User) -> None:
     prepared = user.home / 'tensorflow_datasets' / 'isic_skin_cancer' / '256px' / '1.0.0'
     assert (prepared / 'preparation_report.json').exists(), output[-2000:]
   elif module is None:
-    for name in workdir_outputs():
-      assert (workdir / name).exists(), f'{name} missing from {workdir}'
+    # A cross-validation run is one ordinary run per fold.
+    for run in sorted(workdir.glob('fold_*')) or [workdir]:
+      for name in workdir_outputs():
+        assert (run / name).exists(), f'{name} missing from {run}'
     assert re.search(r'Test: test_loss=\S+ test_accuracy=', output)
     assert f'Report: {workdir / "report.md"}' in output  # Absolute: where it really went.
   elif module == 'melanoma_jax.evaluate':
-    out = workdir / 'evaluation' / f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}'
-    for name in ('report.md', 'report.json', 'predictions.csv', 'confusion_matrix.png', 'roc_curves.png',
-                 'reliability.png'):
+    out = (cwd / _flag(tokens, 'output_dir') if _flag(tokens, 'output_dir') else workdir / 'evaluation' /
+           (f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}' + ('-tta' if '--tta' in tokens else '')))
+    for name in ('report.md', 'report.json', 'predictions.csv'):
       assert (out / name).exists(), f'{name} missing from {out}'
   elif module == 'melanoma_jax.inference':
     csv = cwd / _flag(tokens, 'output')
     header, *rows = [row.split(',') for row in csv.read_text().splitlines()]
     assert header[:4] == ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert']
-    assert sorted(row[0] for row in rows) == ['extra.jpg', 'lesions/a.jpg', 'lesions/more/b.PNG']
+    images = {'lesions/': ['lesions/a.jpg', 'lesions/more/b.PNG'], 'extra.jpg': ['extra.jpg']}
+    assert sorted(row[0] for row in rows) == sorted(sum((images[i] for i in _inputs(tokens)), []))
     assert all(row[header.index('error')] == '' for row in rows)
     if '--json' in tokens:
       assert csv.with_suffix('.json').exists()
