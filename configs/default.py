@@ -31,6 +31,9 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
   config.val_fraction = 0.2
+  # Datasets published without test labels (isic2019, isic2020, ham10000
+  # without the ISIC 2018 test set) carve Test from train, by group.
+  config.test_fraction = 0.15
   config.balance_classes = False
 
   config.augment = ml_collections.ConfigDict()

@@ -27,6 +27,11 @@ from melanoma_jax.datasets import image_folders
 
 # Importing the builder modules registers them with TFDS.
 from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
+from melanoma_jax.datasets import ham10000, isic2019, isic2020  # noqa: F401  pylint: disable=unused-import
+
+# Test is carved from train with this seed, not config.seed, so every run
+# (any seed, any fold) is tested on the same images.
+TEST_CARVE_SEED = 0
 
 Batch = dict[str, np.ndarray]
 
@@ -120,12 +125,27 @@ def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: floa
   return np.flatnonzero(~is_val[inverse]), np.flatnonzero(is_val[inverse])
 
 
+def carve_test(examples: Examples, test_fraction: float) -> tuple[Examples, Examples]:
+  """(train, test) of a dataset published without test labels: whole groups, stratified."""
+  if not 0 < test_fraction < 1:
+    raise DataError(f'config.test_fraction={test_fraction} must be in (0, 1): this dataset has no '
+                    'test split, so Test is carved from train.')
+  train_idx, test_idx = split_by_group(examples.labels, examples.group_ids, test_fraction,
+                                       TEST_CARVE_SEED)
+  logging.info('No test split: Test is %d images carved from train by group (test_fraction=%s).',
+               len(test_idx), test_fraction)
+  return examples.take(train_idx), examples.take(test_idx)
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """Reads Train and Test, maps labels to the task, splits off validation."""
   builder = prepared_builder(config)
   class_names = tuple(builder.info.features['label'].names)
   train_full = _read_split(builder, 'train', config.image_size)
-  test = _read_split(builder, 'test', config.image_size)
+  if 'test' not in builder.info.splits and getattr(builder, 'TEST_FROM_TRAIN', False):
+    train_full, test = carve_test(train_full, config.test_fraction)
+  else:
+    test = _read_split(builder, 'test', config.image_size)
   if config.task == 'melanoma_vs_rest':
     if datasets.MELANOMA not in class_names:
       raise DataError(f'task=melanoma_vs_rest needs a {datasets.MELANOMA!r} class; '

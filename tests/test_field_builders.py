@@ -1,0 +1,326 @@
+"""The HAM10000, ISIC 2019 and SIIM-ISIC 2020 builders on tiny copies of their published layouts.
+
+Fixtures copy the file, folder and column names exactly (see
+shared/DATASETS.md) with made-up pixels, and carry the bad rows real
+downloads have: missing images, unknown labels, malformed rows.
+"""
+
+import pathlib
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from melanoma_jax import input_pipeline
+from melanoma_jax.datasets import ham10000
+from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import isic2019
+from melanoma_jax.datasets import isic2020
+from melanoma_jax.datasets import tables
+from melanoma_jax.datasets import vocabulary
+
+SIZE = 8
+
+
+def _jpeg(path: pathlib.Path, seed: int) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 256, (15, 20, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+
+
+def _csv(path: pathlib.Path, lines: list[str]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+
+
+def _prepare(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path
+             ) -> tfds.core.DatasetBuilder:
+  builder = tfds.builder(name, data_dir=data_dir,
+                         config=image_folders.FolderConfig(name=f'{SIZE}px', image_size=SIZE))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def _examples(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, dict]:
+  """Examples by image id, labels as class names."""
+  names = builder.info.features['label'].names
+  examples = {}
+  for ex in tfds.as_numpy(builder.as_dataset(split)):
+    assert ex['image'].shape == (SIZE, SIZE, 3) and ex['image'].dtype == np.uint8
+    key = pathlib.PurePath(ex['file_name'].decode()).stem
+    examples[key] = {'label': names[ex['label']], 'group': ex['group_id'].decode(),
+                     'age': float(ex['age']), 'sex': ex['sex'].decode(),
+                     'site': ex['site'].decode(), 'file_name': ex['file_name'].decode()}
+  return examples
+
+
+def _skipped(builder: tfds.core.DatasetBuilder) -> dict[str, str]:
+  return {s['file_name']: s['reason'] for s in builder.preparation_report()['skipped']}
+
+
+# --- HAM10000 ---------------------------------------------------------------------------
+
+HAM_ROWS = [  # lesion_id, image_id, dx, dx_type, age, sex, localization
+    'HAM_0000001,ISIC_0000001,mel,histo,55.0,male,back',
+    'HAM_0000001,ISIC_0000002,mel,histo,55.0,male,back',  # Same lesion, second image.
+    'HAM_0000002,ISIC_0000003,nv,follow_up,,unknown,unknown',  # Missing age, sex, site.
+    'HAM_0000003,ISIC_0000004,bcc,histo,70.0,female,face',
+    'HAM_0000004,ISIC_0000005,akiec,histo,65.0,female,scalp',
+    'HAM_0000005,ISIC_0000006,bkl,consensus,45.0,male,trunk',
+    'HAM_0000006,ISIC_0000007,df,histo,30.0,female,lower extremity',
+    'HAM_0000007,ISIC_0000008,vasc,consensus,5.0,male,acral',
+    'HAM_0000008,ISIC_0000009,xyz,histo,40.0,male,back',  # Unknown label.
+    'HAM_0000009,ISIC_0000010,nv,histo,40.0,male,back',  # No image file.
+    'HAM_0000010,ISIC_0000011,nv,histo,40.0,male',  # Malformed: a field short.
+    'HAM_0000011,ISIC_0000012,nv,histo,40.0,robot,back',  # Unknown sex.
+]
+
+
+@pytest.fixture(scope='module')
+def ham(tmp_path_factory) -> tfds.core.DatasetBuilder:
+  # Kaggle's layout: the dataset folder inside the download folder, each image
+  # folder also present in lower case.
+  root = tmp_path_factory.mktemp('ham') / 'skin-cancer-mnist-ham10000'
+  _csv(root / ham10000.METADATA_CSV, ['lesion_id,image_id,dx,dx_type,age,sex,localization',
+                                      *HAM_ROWS])
+  for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 99):  # 99: not in the CSV.
+    part = ham10000.IMAGE_FOLDERS[i % 2]
+    _jpeg(root / part / f'ISIC_{i:07d}.jpg', seed=i)
+    _jpeg(root / part.lower() / f'ISIC_{i:07d}.jpg', seed=i)
+  (root / ham10000.TEST_IMAGES / 'LICENSE.txt').parent.mkdir()
+  (root / ham10000.TEST_IMAGES / 'LICENSE.txt').write_text('CC-BY-NC')
+  for i in (101, 102, 103):
+    _jpeg(root / ham10000.TEST_IMAGES / f'ISIC_{i:07d}.jpg', seed=i)
+  _csv(root / ham10000.TEST_GROUND_TRUTH, [
+      'image,MEL,NV,BCC,AKIEC,BKL,DF,VASC',
+      'ISIC_0000101,1.0,0.0,0.0,0.0,0.0,0.0,0.0',
+      'ISIC_0000102,0.0,0.0,0.0,0.0,0.0,0.0,1.0',
+      'ISIC_0000103,1.0,1.0,0.0,0.0,0.0,0.0,0.0',  # Two labels.
+  ])
+  return _prepare('ham10000', tmp_path_factory.mktemp('data'), root.parent)
+
+
+def test_ham10000_examples(ham):
+  assert ham.info.features['label'].names == [
+      'actinic keratosis', 'basal cell carcinoma', 'benign keratosis', 'dermatofibroma',
+      'melanoma', 'nevus', 'vascular lesion']
+  train = _examples(ham, 'train')
+  assert sorted(train) == [f'ISIC_{i:07d}' for i in range(1, 9)]
+  expected = {  # image: (class, lesion, age, sex, site)
+      1: ('melanoma', 'HAM_0000001', 55, 'male', 'torso'),
+      2: ('melanoma', 'HAM_0000001', 55, 'male', 'torso'),
+      3: ('nevus', 'HAM_0000002', -1, '', ''),
+      4: ('basal cell carcinoma', 'HAM_0000003', 70, 'female', 'head/neck'),
+      5: ('actinic keratosis', 'HAM_0000004', 65, 'female', 'head/neck'),
+      6: ('benign keratosis', 'HAM_0000005', 45, 'male', 'torso'),
+      7: ('dermatofibroma', 'HAM_0000006', 30, 'female', 'lower extremity'),
+      8: ('vascular lesion', 'HAM_0000007', 5, 'male', 'palms/soles'),
+  }
+  for i, (label, lesion, age, sex, site) in expected.items():
+    ex = train[f'ISIC_{i:07d}']
+    assert (ex['label'], ex['group'], ex['age'], ex['sex'], ex['site']) == (
+        label, lesion, age, sex, site)
+    assert ex['file_name'].startswith(ham10000.IMAGE_FOLDERS[i % 2] + '/')  # Not the lower-case copy.
+  test = _examples(ham, 'test')
+  assert {k: v['label'] for k, v in test.items()} == {
+      'ISIC_0000101': 'melanoma', 'ISIC_0000102': 'vascular lesion'}
+  assert test['ISIC_0000101']['age'] == vocabulary.MISSING_AGE
+
+
+def test_ham10000_report_lists_every_bad_row(ham):
+  skipped = _skipped(ham)
+  assert skipped[f'{ham10000.IMAGE_FOLDERS[1]}/ISIC_0000009.jpg'].startswith(
+      "HAM10000_metadata.csv line 10: unknown label 'xyz'")
+  assert skipped['HAM10000_metadata.csv line 11 (ISIC_0000010)'] == 'image file not found'
+  assert skipped['HAM10000_metadata.csv line 12'] == 'malformed row: 6 fields, the header has 7'
+  assert 'unknown sex' in skipped[f'{ham10000.IMAGE_FOLDERS[0]}/ISIC_0000012.jpg']
+  assert skipped[f'{ham10000.IMAGE_FOLDERS[1]}/ISIC_0000099.jpg'] == (
+      'not listed in HAM10000_metadata.csv')
+  assert skipped[f'{ham10000.TEST_IMAGES}/ISIC_0000103.jpg'].endswith('one-hot label with 2 ones '
+                                                                       "(['MEL', 'NV'])")
+  assert skipped[f'{ham10000.TEST_IMAGES}/LICENSE.txt'] == "unsupported extension '.txt'"
+  # Its row was malformed, so the image is listed as unlisted too.
+  assert skipped[f'{ham10000.IMAGE_FOLDERS[1]}/ISIC_0000011.jpg'] == (
+      'not listed in HAM10000_metadata.csv')
+  # Every file and row is accounted for: written or listed.
+  assert len(skipped) == 8
+  assert ham.preparation_report()['totals'] == {'train': 8, 'test': 2}
+
+
+def test_ham10000_layout_errors(tmp_path):
+  with pytest.raises(image_folders.DatasetLayoutError,
+                     match=r'(?s)has no HAM10000_metadata.csv.*Kaggle'):
+    _prepare('ham10000', tmp_path / 'data', tmp_path)
+  _csv(tmp_path / ham10000.METADATA_CSV, ['image_id,dx', 'ISIC_0000001,mel'])
+  for part in ham10000.IMAGE_FOLDERS:
+    (tmp_path / part).mkdir()
+  with pytest.raises(image_folders.DatasetLayoutError,
+                     match=r"lacks the column\(s\) \['lesion_id', 'dx_type', 'age', 'sex'"):
+    _prepare('ham10000', tmp_path / 'data', tmp_path)
+  (tmp_path / ham10000.METADATA_CSV).write_bytes(b'\xff\xfe\x00garbage')
+  with pytest.raises(image_folders.DatasetLayoutError, match='is not a UTF-8 CSV file'):
+    _prepare('ham10000', tmp_path / 'data', tmp_path)
+
+
+# --- ISIC 2019 --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def isic_2019(tmp_path_factory) -> tfds.core.DatasetBuilder:
+  root = tmp_path_factory.mktemp('isic2019')
+  images = root / isic2019.IMAGE_FOLDER / isic2019.IMAGE_FOLDER  # Nested twice, as some copies are.
+  classes = list(vocabulary.ISIC2019)  # AK BCC BKL DF MEL NV SCC VASC
+
+  def one_hot(hot: str) -> str:
+    return ','.join('1.0' if c == hot else '0.0' for c in [*classes, 'UNK'])
+
+  rows = [f'ISIC_{i:07d},{one_hot(c)}' for i, c in enumerate(classes)]
+  rows += [
+      'ISIC_0000008_downsampled,' + one_hot('MEL'),  # File name ends in _downsampled too.
+      'ISIC_0000009,' + one_hot('NV'),  # File named ISIC_0000009_downsampled.jpg.
+      'ISIC_0000010,' + one_hot('UNK'),
+      'ISIC_0000011,' + one_hot('NV').replace('1.0', 'yes'),
+      'ISIC_0000012,' + one_hot('NV'),  # No image file.
+  ]
+  _csv(root / isic2019.GROUND_TRUTH_CSV, ['image,' + ','.join([*classes, 'UNK']), *rows])
+  for i in range(12):
+    suffix = '_downsampled' if i in (8, 9) else ''
+    _jpeg(images / f'ISIC_{i:07d}{suffix}.jpg', seed=i)
+  (images / 'ATTRIBUTION.txt').write_text('see ISIC')
+  _csv(root / isic2019.METADATA_CSV, [
+      'image,age_approx,anatom_site_general,lesion_id,sex',
+      'ISIC_0000000,55.0,anterior torso,BCN_0000001,male',
+      'ISIC_0000001,55.0,posterior torso,BCN_0000001,male',
+      'ISIC_0000002,,,,',  # All blank, no lesion id.
+      'ISIC_0000003,30.0,head/neck,BCN_0000003,female',
+      'ISIC_0000004,30.0,lateral torso,BCN_0000004,female',
+      'ISIC_0000005,30.0,palms/soles,BCN_0000005,female',
+      'ISIC_0000006,30.0,oral/genital,BCN_0000006,female',
+      'ISIC_0000007,30.0,upper extremity,BCN_0000007,female',
+      'ISIC_0000008_downsampled,70.0,lower extremity,MSK4_0001,male',
+      # No metadata row for ISIC_0000009.
+  ])
+  return _prepare('isic2019', tmp_path_factory.mktemp('data'), root)
+
+
+def test_isic2019_examples_and_report(isic_2019):
+  assert isic_2019.info.features['label'].names == [
+      'actinic keratosis', 'basal cell carcinoma', 'benign keratosis', 'dermatofibroma',
+      'melanoma', 'nevus', 'squamous cell carcinoma', 'vascular lesion']
+  train = _examples(isic_2019, 'train')
+  assert {k: v['label'] for k, v in train.items()} == {
+      'ISIC_0000000': 'actinic keratosis', 'ISIC_0000001': 'basal cell carcinoma',
+      'ISIC_0000002': 'benign keratosis', 'ISIC_0000003': 'dermatofibroma',
+      'ISIC_0000004': 'melanoma', 'ISIC_0000005': 'nevus',
+      'ISIC_0000006': 'squamous cell carcinoma', 'ISIC_0000007': 'vascular lesion',
+      'ISIC_0000008_downsampled': 'melanoma', 'ISIC_0000009_downsampled': 'nevus'}
+  assert train['ISIC_0000001']['group'] == 'BCN_0000001'
+  assert (train['ISIC_0000001']['site'], train['ISIC_0000004']['site']) == ('torso', 'torso')
+  assert train['ISIC_0000002']['group'] == '' and train['ISIC_0000002']['age'] == -1
+  assert (train['ISIC_0000008_downsampled']['group'],
+          train['ISIC_0000008_downsampled']['age']) == ('MSK4_0001', 70)
+  assert train['ISIC_0000009_downsampled']['sex'] == ''  # No metadata row: all unknown.
+  assert train['ISIC_0000000']['file_name'] == (
+      f'{isic2019.IMAGE_FOLDER}/{isic2019.IMAGE_FOLDER}/ISIC_0000000.jpg')
+  skipped = _skipped(isic_2019)
+  folder = f'{isic2019.IMAGE_FOLDER}/{isic2019.IMAGE_FOLDER}'
+  assert skipped[f'{folder}/ISIC_0000010.jpg'].endswith('label UNK is not a class of this dataset')
+  assert "holds 'yes', not a number" in skipped[f'{folder}/ISIC_0000011.jpg']
+  assert skipped[f'{isic2019.GROUND_TRUTH_CSV} line 14 (ISIC_0000012)'] == 'image file not found'
+  assert skipped[f'{folder}/ATTRIBUTION.txt'] == "unsupported extension '.txt'"
+  assert len(skipped) == 4
+  assert 'test' not in isic_2019.info.splits
+
+
+def test_isic2019_groups_never_cross_splits(isic_2019, monkeypatch):
+  """Training on a dataset without a test split carves Test by lesion, then validation."""
+  monkeypatch.setattr(input_pipeline, 'prepared_builder', lambda config: isic_2019)
+  config = ml_collections.ConfigDict({
+      'image_size': SIZE, 'task': 'multiclass', 'groups_csv': None, 'val_fraction': 0.3,
+      'test_fraction': 0.3, 'seed': 1, 'dataset': 'isic2019'})
+  data = input_pipeline.load_data(config)
+  sides = [set(split.group_ids) for split in (data.train, data.val, data.test)]
+  assert len(data.train) + len(data.val) + len(data.test) == 10
+  assert sides[0] and sides[2]  # Validation may be empty: each class has at most 2 lesions.
+  assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+  lesion = [s for s in sides if 'BCN_0000001' in s]
+  assert len(lesion) == 1  # Both images of the lesion on one side.
+  assert data.class_names == tuple(isic_2019.info.features['label'].names)
+
+
+# --- SIIM-ISIC 2020 ---------------------------------------------------------------------
+
+ISIC2020_ROWS = [  # image_name, patient_id, sex, age_approx, site, diagnosis, benign_malignant, target
+    'ISIC_0000001,IP_001,male,45.0,head/neck,melanoma,malignant,1',
+    'ISIC_0000002,IP_001,male,45.0,torso,nevus,benign,0',
+    'ISIC_0000003,IP_002,female,,,unknown,benign,0',
+    'ISIC_0000004,IP_003,female,60.0,upper extremity,seborrheic keratosis,benign,0',
+    'ISIC_0000005,IP_003,female,60.0,lower extremity,solar lentigo,benign,0',
+    'ISIC_0000006,IP_004,male,35.0,palms/soles,cafe-au-lait macule,benign,0',
+    'ISIC_0000007,IP_005,male,35.0,torso,nevus,benign,0',  # Duplicate of 2 ...
+    'ISIC_0000008,IP_006,male,35.0,torso,nevus,benign,0',  # ... and of 7: keep only 2.
+    'ISIC_0000009,IP_007,male,35.0,torso,nevus,malignant,1',  # Target disagrees.
+    'ISIC_0000010,IP_007,male,35.0,torso,dysplastic thing,benign,0',  # Unknown diagnosis.
+]
+
+
+@pytest.fixture(scope='module')
+def isic_2020(tmp_path_factory) -> tfds.core.DatasetBuilder:
+  root = tmp_path_factory.mktemp('isic2020')
+  _csv(root / isic2020.TRAIN_CSV, [','.join(isic2020.COLUMNS), *ISIC2020_ROWS])
+  for i in range(1, 11):
+    _jpeg(root / 'jpeg' / 'train' / f'ISIC_{i:07d}.jpg', seed=i)
+  (root / 'train').mkdir()
+  (root / 'train' / 'ISIC_0000001.dcm').write_bytes(b'DICM')  # Kaggle's DICOM copies: not read.
+  _csv(root / isic2020.DUPLICATES_CSV, ['image_name_1,image_name_2',
+                                        'ISIC_0000008,ISIC_0000007', 'ISIC_0000007,ISIC_0000002'])
+  return _prepare('isic2020', tmp_path_factory.mktemp('data'), root)
+
+
+def test_isic2020_examples_duplicates_and_report(isic_2020):
+  assert isic_2020.info.features['label'].names == ['benign keratosis', 'melanoma', 'nevus',
+                                                    'unknown']
+  train = _examples(isic_2020, 'train')
+  assert {k: (v['label'], v['group']) for k, v in train.items()} == {
+      'ISIC_0000001': ('melanoma', 'IP_001'), 'ISIC_0000002': ('nevus', 'IP_001'),
+      'ISIC_0000003': ('unknown', 'IP_002'), 'ISIC_0000004': ('benign keratosis', 'IP_003'),
+      'ISIC_0000005': ('benign keratosis', 'IP_003'), 'ISIC_0000006': ('unknown', 'IP_004')}
+  assert (train['ISIC_0000003']['age'], train['ISIC_0000003']['site']) == (-1, '')
+  assert (train['ISIC_0000004']['sex'], train['ISIC_0000004']['site']) == ('female',
+                                                                          'upper extremity')
+  skipped = _skipped(isic_2020)
+  assert skipped == {
+      'jpeg/train/ISIC_0000007.jpg': 'train.csv line 8: duplicate of ISIC_0000002 '
+                                     '(ISIC_2020_Training_Duplicates.csv)',
+      'jpeg/train/ISIC_0000008.jpg': 'train.csv line 9: duplicate of ISIC_0000002 '
+                                     '(ISIC_2020_Training_Duplicates.csv)',
+      'jpeg/train/ISIC_0000009.jpg': "train.csv line 10: diagnosis 'nevus' disagrees with target 1",
+      'jpeg/train/ISIC_0000010.jpg': skipped['jpeg/train/ISIC_0000010.jpg'],
+  }
+  assert skipped['jpeg/train/ISIC_0000010.jpg'].startswith(
+      "train.csv line 11: unknown label 'dysplastic thing'")
+
+
+def test_duplicate_sets_keep_their_first_image():
+  rows = [tables.Row(2, {'image_name_1': a, 'image_name_2': b})
+          for a, b in (('c', 'd'), ('a', 'b'), ('d', 'b'), ('x', 'y'))]
+  owners = isic2020.duplicate_owners(rows, ['b', 'd', 'c', 'a', 'y', 'x'])
+  assert owners == {'a': 'b', 'b': 'b', 'c': 'b', 'd': 'b', 'x': 'y', 'y': 'y'}
+
+
+# --- Vocabulary -------------------------------------------------------------------------
+
+
+def test_every_source_label_maps_to_a_common_class():
+  for table in vocabulary.SOURCE_LABELS.values():
+    assert set(table.values()) <= set(vocabulary.COMMON_CLASSES)
+  # The counts published in DATASETS.md name these labels; none may be missing.
+  assert set(vocabulary.HAM10000) == {'akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc'}
+  assert set(vocabulary.ISIC2020) == {
+      'unknown', 'nevus', 'melanoma', 'seborrheic keratosis', 'lentigo NOS',
+      'lichenoid keratosis', 'solar lentigo', 'cafe-au-lait macule',
+      'atypical melanocytic proliferation'}
+  assert vocabulary.common_classes(['nevus', 'melanoma']) == ('melanoma', 'nevus')
