@@ -324,3 +324,67 @@ def test_every_source_label_maps_to_a_common_class():
       'lichenoid keratosis', 'solar lentigo', 'cafe-au-lait macule',
       'atypical melanocytic proliferation'}
   assert vocabulary.common_classes(['nevus', 'melanoma']) == ('melanoma', 'nevus')
+
+
+# --- Preparation ------------------------------------------------------------------------
+
+
+def test_parallel_map_keeps_order_and_bounds_work_in_flight():
+  started = []
+
+  def work(i):
+    started.append(i)
+    return i * i
+
+  results = image_folders.parallel_map(work, range(100), threads=2)
+  assert [next(results) for _ in range(3)] == [0, 1, 4]
+  assert len(started) <= 3 + 4 * 2  # Not all 100 submitted at once.
+  assert list(results) == [i * i for i in range(3, 100)]
+
+
+def test_stored_pixels_are_the_decoded_pixels(tmp_path):
+  """The PNG bytes written in worker threads decode to exactly `decode_image`'s pixels."""
+  _jpeg(tmp_path / 'a.jpg', seed=3)
+  pixels = image_folders.decode_image(tmp_path / 'a.jpg', 16).pixels
+  feature = tfds.features.Image(shape=(16, 16, 3), encoding_format='png')
+  np.testing.assert_array_equal(
+      feature.decode_example_np(image_folders.encode_png(pixels)), pixels)
+
+
+_KILLED_PREPARATION = '''
+import sys, time
+import tensorflow_datasets as tfds
+from melanoma_jax.datasets import image_folders, isic2020
+decode = image_folders.decode_image
+def slow(path, size):
+  time.sleep(0.5)
+  return decode(path, size)
+image_folders.decode_image = slow
+builder = tfds.builder('isic2020', data_dir=sys.argv[1],
+                       config=image_folders.FolderConfig(name='8px', image_size=8))
+builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[2]))
+'''
+
+
+def test_killed_preparation_restarts_cleanly(isic_2020, tmp_path):
+  """kill -9 mid-preparation; the next preparation removes what it left and completes."""
+  import os, signal, subprocess, sys, time  # pylint: disable=import-outside-toplevel,multiple-imports
+  manual_dir = isic_2020.preparation_report()['root']
+  process = subprocess.Popen([sys.executable, '-c', _KILLED_PREPARATION, str(tmp_path), manual_dir],
+                             env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  config_dir = tmp_path / 'isic2020' / '8px'
+  deadline = time.time() + 120
+  while not list(config_dir.glob('incomplete.*/preparing.json')) and time.time() < deadline:
+    assert process.poll() is None, 'the preparation ended before it could be killed'
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert len(list(config_dir.glob('incomplete.*'))) == 1
+  # Leftovers of a live process or of another host are not touched.
+  alive = config_dir / 'incomplete.ALIVE0_1.0.0'
+  alive.mkdir()
+  (alive / 'preparing.json').write_text(f'{{"host": "{os.uname().nodename}", "pid": {os.getpid()}}}')
+  builder = _prepare('isic2020', tmp_path, pathlib.Path(manual_dir))
+  assert builder.info.splits['train'].num_examples == 6
+  assert sorted(p.name for p in config_dir.iterdir()) == ['1.0.0', alive.name]
+  assert not list((config_dir / '1.0.0').glob('*preparing*'))
