@@ -34,6 +34,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # Datasets published without test labels (isic2019, isic2020, ham10000
   # without the ISIC 2018 test set) carve Test from train, by group.
   config.test_fraction = 0.15
+  # Several datasets combine with '+' ('isic2019+isic2020'): labels in the
+  # common vocabulary, classes their union. Each training example is drawn
+  # from a source with these weights ('isic2019:1,isic2020:0.5'); '' draws
+  # from the union as one dataset.
+  config.source_weights = ''
   config.balance_classes = False
 
   config.augment = ml_collections.ConfigDict()

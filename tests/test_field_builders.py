@@ -237,7 +237,7 @@ def test_isic2019_examples_and_report(isic_2019):
 
 def test_isic2019_groups_never_cross_splits(isic_2019, monkeypatch):
   """Training on a dataset without a test split carves Test by lesion, then validation."""
-  monkeypatch.setattr(input_pipeline, 'prepared_builder', lambda config: isic_2019)
+  monkeypatch.setattr(input_pipeline, 'prepared_builder', lambda config, dataset=None: isic_2019)
   config = ml_collections.ConfigDict({
       'image_size': SIZE, 'task': 'multiclass', 'groups_csv': None, 'val_fraction': 0.3,
       'test_fraction': 0.3, 'seed': 1, 'dataset': 'isic2019'})

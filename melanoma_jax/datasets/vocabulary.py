@@ -148,6 +148,18 @@ def common_classes(names: Sequence[str]) -> tuple[str, ...]:
   return tuple(c for c in COMMON_CLASSES if c in set(names))
 
 
+def to_common(dataset: str, class_name: str) -> str:
+  """The common class of a prepared dataset's class name (`dataset` as in config.dataset)."""
+  if class_name in COMMON_CLASSES:
+    return class_name
+  table = SOURCE_LABELS.get(dataset.split('/')[0].split(':')[0], {})
+  if class_name not in table:
+    raise ValueError(f'{dataset} class {class_name!r} is not in the common vocabulary '
+                     f'{COMMON_CLASSES} and has no mapping to it: rename its class folder to a '
+                     'common class to combine it with other datasets.')
+  return table[class_name]
+
+
 def _unknown(value: str) -> bool:
   return value.strip().lower() in _UNKNOWN_VALUES
 
