@@ -254,16 +254,16 @@ def test_isic2019_groups_never_cross_splits(isic_2019, monkeypatch):
 # --- SIIM-ISIC 2020 ---------------------------------------------------------------------
 
 ISIC2020_ROWS = [  # image_name, patient_id, sex, age_approx, site, diagnosis, benign_malignant, target
-    'ISIC_0000001,IP_001,male,45.0,head/neck,melanoma,malignant,1',
-    'ISIC_0000002,IP_001,male,45.0,torso,nevus,benign,0',
-    'ISIC_0000003,IP_002,female,,,unknown,benign,0',
-    'ISIC_0000004,IP_003,female,60.0,upper extremity,seborrheic keratosis,benign,0',
-    'ISIC_0000005,IP_003,female,60.0,lower extremity,solar lentigo,benign,0',
-    'ISIC_0000006,IP_004,male,35.0,palms/soles,cafe-au-lait macule,benign,0',
-    'ISIC_0000007,IP_005,male,35.0,torso,nevus,benign,0',  # Duplicate of 2 ...
-    'ISIC_0000008,IP_006,male,35.0,torso,nevus,benign,0',  # ... and of 7: keep only 2.
-    'ISIC_0000009,IP_007,male,35.0,torso,nevus,malignant,1',  # Target disagrees.
-    'ISIC_0000010,IP_007,male,35.0,torso,dysplastic thing,benign,0',  # Unknown diagnosis.
+    'ISIC_0001001,IP_001,male,45.0,head/neck,melanoma,malignant,1',
+    'ISIC_0001002,IP_001,male,45.0,torso,nevus,benign,0',
+    'ISIC_0001003,IP_002,female,,,unknown,benign,0',
+    'ISIC_0001004,IP_003,female,60.0,upper extremity,seborrheic keratosis,benign,0',
+    'ISIC_0001005,IP_003,female,60.0,lower extremity,solar lentigo,benign,0',
+    'ISIC_0001006,IP_004,male,35.0,palms/soles,cafe-au-lait macule,benign,0',
+    'ISIC_0001007,IP_005,male,35.0,torso,nevus,benign,0',  # Duplicate of 2 ...
+    'ISIC_0001008,IP_006,male,35.0,torso,nevus,benign,0',  # ... and of 7: keep only 2.
+    'ISIC_0001009,IP_007,male,35.0,torso,nevus,malignant,1',  # Target disagrees.
+    'ISIC_0001010,IP_007,male,35.0,torso,dysplastic thing,benign,0',  # Unknown diagnosis.
 ]
 
 
@@ -272,11 +272,11 @@ def isic_2020(tmp_path_factory) -> tfds.core.DatasetBuilder:
   root = tmp_path_factory.mktemp('isic2020')
   _csv(root / isic2020.TRAIN_CSV, [','.join(isic2020.COLUMNS), *ISIC2020_ROWS])
   for i in range(1, 11):
-    _jpeg(root / 'jpeg' / 'train' / f'ISIC_{i:07d}.jpg', seed=i)
+    _jpeg(root / 'jpeg' / 'train' / f'ISIC_{1000 + i:07d}.jpg', seed=i)
   (root / 'train').mkdir()
-  (root / 'train' / 'ISIC_0000001.dcm').write_bytes(b'DICM')  # Kaggle's DICOM copies: not read.
+  (root / 'train' / 'ISIC_0001001.dcm').write_bytes(b'DICM')  # Kaggle's DICOM copies: not read.
   _csv(root / isic2020.DUPLICATES_CSV, ['image_name_1,image_name_2',
-                                        'ISIC_0000008,ISIC_0000007', 'ISIC_0000007,ISIC_0000002'])
+                                        'ISIC_0001008,ISIC_0001007', 'ISIC_0001007,ISIC_0001002'])
   return _prepare('isic2020', tmp_path_factory.mktemp('data'), root)
 
 
@@ -285,22 +285,22 @@ def test_isic2020_examples_duplicates_and_report(isic_2020):
                                                     'unknown']
   train = _examples(isic_2020, 'train')
   assert {k: (v['label'], v['group']) for k, v in train.items()} == {
-      'ISIC_0000001': ('melanoma', 'IP_001'), 'ISIC_0000002': ('nevus', 'IP_001'),
-      'ISIC_0000003': ('unknown', 'IP_002'), 'ISIC_0000004': ('benign keratosis', 'IP_003'),
-      'ISIC_0000005': ('benign keratosis', 'IP_003'), 'ISIC_0000006': ('unknown', 'IP_004')}
-  assert (train['ISIC_0000003']['age'], train['ISIC_0000003']['site']) == (-1, '')
-  assert (train['ISIC_0000004']['sex'], train['ISIC_0000004']['site']) == ('female',
+      'ISIC_0001001': ('melanoma', 'IP_001'), 'ISIC_0001002': ('nevus', 'IP_001'),
+      'ISIC_0001003': ('unknown', 'IP_002'), 'ISIC_0001004': ('benign keratosis', 'IP_003'),
+      'ISIC_0001005': ('benign keratosis', 'IP_003'), 'ISIC_0001006': ('unknown', 'IP_004')}
+  assert (train['ISIC_0001003']['age'], train['ISIC_0001003']['site']) == (-1, '')
+  assert (train['ISIC_0001004']['sex'], train['ISIC_0001004']['site']) == ('female',
                                                                           'upper extremity')
   skipped = _skipped(isic_2020)
   assert skipped == {
-      'jpeg/train/ISIC_0000007.jpg': 'train.csv line 8: duplicate of ISIC_0000002 '
+      'jpeg/train/ISIC_0001007.jpg': 'train.csv line 8: duplicate of ISIC_0001002 '
                                      '(ISIC_2020_Training_Duplicates.csv)',
-      'jpeg/train/ISIC_0000008.jpg': 'train.csv line 9: duplicate of ISIC_0000002 '
+      'jpeg/train/ISIC_0001008.jpg': 'train.csv line 9: duplicate of ISIC_0001002 '
                                      '(ISIC_2020_Training_Duplicates.csv)',
-      'jpeg/train/ISIC_0000009.jpg': "train.csv line 10: diagnosis 'nevus' disagrees with target 1",
-      'jpeg/train/ISIC_0000010.jpg': skipped['jpeg/train/ISIC_0000010.jpg'],
+      'jpeg/train/ISIC_0001009.jpg': "train.csv line 10: diagnosis 'nevus' disagrees with target 1",
+      'jpeg/train/ISIC_0001010.jpg': skipped['jpeg/train/ISIC_0001010.jpg'],
   }
-  assert skipped['jpeg/train/ISIC_0000010.jpg'].startswith(
+  assert skipped['jpeg/train/ISIC_0001010.jpg'].startswith(
       "train.csv line 11: unknown label 'dysplastic thing'")
 
 
@@ -388,3 +388,68 @@ def test_killed_preparation_restarts_cleanly(isic_2020, tmp_path):
   assert builder.info.splits['train'].num_examples == 6
   assert sorted(p.name for p in config_dir.iterdir()) == ['1.0.0', alive.name]
   assert not list((config_dir / '1.0.0').glob('*preparing*'))
+
+
+# --- Combined datasets ------------------------------------------------------------------
+
+
+@pytest.fixture
+def combined(isic_2019, isic_2020, monkeypatch, tiny_config):
+  """A tiny-run config on 'isic2019+isic2020', served by the fixtures' prepared builders."""
+  builders = {'isic2019': isic_2019, 'isic2020': isic_2020}
+  monkeypatch.setattr(input_pipeline, 'prepared_builder',
+                      lambda config, dataset=None: builders[dataset or config.dataset])
+  config = tiny_config.copy_and_resolve_references()
+  config.dataset = 'isic2019+isic2020'
+  config.source_weights = 'isic2019:3,isic2020:1'
+  config.val_fraction = config.test_fraction = 0.25
+  config.batch_size = 4
+  return config
+
+
+def test_combined_classes_labels_and_sources(combined, isic_2019, isic_2020):
+  data = input_pipeline.load_data(combined)
+  assert data.class_names == vocabulary.COMMON_CLASSES  # 2019's 8 and 2020's unknown.
+  assert data.sources == ('isic2019', 'isic2020')
+  names = {}
+  for source, builder in enumerate((isic_2019, isic_2020)):
+    for key, ex in _examples(builder, 'train').items():
+      names[key] = (source, ex['label'])
+  for split in (data.train, data.val, data.test):
+    for file_name, label, source in zip(split.file_names, split.labels, split.extras['source']):
+      assert names[pathlib.PurePath(file_name).stem] == (source, data.class_names[label])
+  assert sum(map(len, (data.train, data.val, data.test))) == len(names) == 16
+  assert set(data.train.extras) == {'age', 'sex', 'site', 'source'}
+
+
+def test_source_weights_set_how_often_each_source_is_drawn(combined):
+  data = input_pipeline.load_data(combined)
+  stream = input_pipeline._source_index_stream(data.train, combined, seed=5)  # pylint: disable=protected-access
+  drawn = np.array(list(stream.take(4000).as_numpy_iterator()))
+  from_2019 = np.mean(data.train.extras['source'][drawn] == 0)
+  assert abs(from_2019 - 0.75) < 0.03  # 3:1; binomial sd 0.007.
+  combined.source_weights = 'isic2019:1'
+  with pytest.raises(input_pipeline.DataError, match="weight >= 0 to each of"):
+    input_pipeline.source_weights(combined)
+
+
+def test_combined_datasets_train(combined, tmp_path):
+  from melanoma_jax import train  # pylint: disable=import-outside-toplevel
+  combined.num_epochs = 1
+  result = train.train_and_evaluate(combined, str(tmp_path))
+  assert 0 <= result['test_balanced_accuracy'] <= 1
+
+
+def test_images_in_two_datasets_are_kept_once(ham, isic_2019, combined, monkeypatch):
+  """ISIC 2019 contains HAM10000: an image id seen in an earlier source is left out."""
+  builders = {'ham10000': ham, 'isic2019': isic_2019}
+  monkeypatch.setattr(input_pipeline, 'prepared_builder',
+                      lambda config, dataset=None: builders[dataset])
+  combined.dataset, combined.source_weights = 'ham10000+isic2019', ''
+  data = input_pipeline.load_data(combined)
+  stems = [pathlib.PurePath(f).stem.removesuffix('_downsampled') for split in
+           (data.train, data.val, data.test) for f in split.file_names]
+  assert len(stems) == len(set(stems)) == 8 + 2 + 2  # HAM train + test, 2019's ISIC_0000000 and 9.
+  from_2019 = {pathlib.PurePath(f).stem for split in (data.train, data.val, data.test)
+               for source, f in zip(split.extras['source'], split.file_names) if source == 1}
+  assert from_2019 == {'ISIC_0000000', 'ISIC_0000009_downsampled'}
