@@ -65,6 +65,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # Compute dtype. 'bfloat16' is mixed precision for GPU and TPU: parameters,
   # optimizer state and the loss stay float32. Slow on most CPUs.
   config.model.dtype = 'float32'
+  # Age, sex and anatomical site joined to the image features (datasets that
+  # have them: ham10000, isic2019, isic2020; unknown elsewhere). In training
+  # an example's metadata is hidden with probability metadata_dropout.
+  config.model.metadata = False
+  config.model.metadata_dropout = 0.3
 
   # Optimisation. batch_size is global: split evenly over all devices.
   config.batch_size = 32

@@ -14,7 +14,7 @@ import csv
 import json
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from melanoma_jax import cli, evaluation, runtime, steps
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import metadata as metadata_lib
+from melanoma_jax.datasets import image_folders, tables
 
 
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -47,10 +48,12 @@ def dihedral(images: jax.Array, k: int) -> jax.Array:
   return jnp.flip(rotated, axis=2) if k >= 4 else rotated
 
 
-def predict_tta(state: steps.TrainState, images: jax.Array) -> jax.Array:
+def predict_tta(state: steps.TrainState, images: jax.Array,
+                metadata: jax.Array | None = None) -> jax.Array:
   """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
   batch = images.shape[0]
-  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
+  metadata = None if metadata is None else jnp.tile(metadata, (8, 1))
+  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]), metadata)
   return jnp.mean(probs.reshape(8, batch, -1), axis=0)
 
 
@@ -67,9 +70,13 @@ def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False
+                  batch_size: int = 32, tta: bool = False,
+                  metadata: Mapping[str, np.ndarray] | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
   """(file, class probabilities or None, error or None) per file, in order.
+
+  `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
+  a metadata branch; a file it lacks has unknown metadata.
 
   Files are decoded a batch at a time; every batch is padded to
   `batch_size`, so the jitted predict compiles once.
@@ -82,7 +89,12 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
       images[i] = decoded[i][0]
-    probs = np.asarray(predict(state, images)) if readable else None
+    encoded = None
+    if metadata is not None:
+      encoded = metadata_lib.unknown(batch_size)
+      for i, path in enumerate(chunk):
+        encoded[i] = metadata.get(tables.image_key(path.name), encoded[i])
+    probs = np.asarray(predict(state, images, encoded)) if readable else None
     for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
       yield path, (None if error else probs[i]), error
 
@@ -130,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--metadata_csv', default=None,
+                      help='Age, sex and site per image, for runs trained with model.metadata '
+                           '(default: metadata.csv in a PATH folder, if there).')
   parser.add_argument('--threshold', type=float, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
@@ -141,8 +156,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
+  metadata_csv = args.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
+      None)
+  metadata = None
+  if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
+    metadata = metadata_lib.read_csv(metadata_csv)
+  elif args.metadata_csv is not None:
+    print(f'Warning: this run has no metadata branch; {args.metadata_csv} is not used.',
+          file=sys.stderr)
   rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
-          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta)]
+          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta,
+                        metadata)]
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from melanoma_jax import datasets
+from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import tables, vocabulary
 
@@ -367,6 +368,8 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
   seed = config.seed * 1_000_003 + epoch
   images = tf.constant(train.images)
   labels = tf.constant(train.labels)
+  encoded_metadata = (tf.constant(metadata_lib.from_extras(train.extras, len(train)))
+                      if config.model.get('metadata') else None)
 
   def mine(position, index):
     del index
@@ -376,7 +379,10 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     image = tf.gather(images, index)
     if config.augment.enabled:
       image = _augment(image, tf.stack([tf.constant(seed, tf.int64), position]), config.augment)
-    return {'image': image, 'label': tf.gather(labels, index)}
+    if encoded_metadata is None:
+      return {'image': image, 'label': tf.gather(labels, index)}
+    return {'image': image, 'label': tf.gather(labels, index),
+            'metadata': tf.gather(encoded_metadata, index)}
 
   if 'source' in train.extras and config.get('source_weights'):
     ds = _source_index_stream(train, config, seed)
@@ -408,6 +414,8 @@ def eval_batches(examples: Examples, global_batch_size: int) -> Iterator[Batch]:
   pad = lambda x: np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
   arrays = {'image': pad(mine.images), 'label': pad(mine.labels),
             'mask': pad(np.ones(len(mine), np.int32))}
+  if 'age' in mine.extras:  # Models that take metadata use it; others ignore it.
+    arrays['metadata'] = pad(metadata_lib.from_extras(mine.extras, len(mine)))
   for b in range(num_batches):
     yield {k: v[b * local_batch:(b + 1) * local_batch].reshape(devices, local_batch // devices, *v.shape[1:])
            for k, v in arrays.items()}

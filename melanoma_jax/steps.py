@@ -97,6 +97,11 @@ def _dropout_rng(state: TrainState, axis_name: str | None) -> jax.Array:
   return rng
 
 
+def _inputs(model: nn.Module, images: jax.Array, metadata: jax.Array | None) -> tuple:
+  """The model's positional inputs: metadata too for models that take it (`uses_metadata`)."""
+  return (images, metadata) if getattr(model, 'uses_metadata', False) else (images,)
+
+
 def train_step(state: TrainState, batch: Batch,
                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on this device's share of the global batch."""
@@ -105,8 +110,8 @@ def train_step(state: TrainState, batch: Batch,
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, rngs={'dropout': _dropout_rng(state, axis_name)},
+        {'params': params, 'batch_stats': state.batch_stats},
+        *_inputs(model, batch['image'], batch.get('metadata')), train=True, rngs={'dropout': _dropout_rng(state, axis_name)},
         mutable=['batch_stats'])
     loss = head_loss(logits, labels)
     predicted = jnp.argmax(head_probabilities(logits), axis=-1)
@@ -136,14 +141,15 @@ def train_step(state: TrainState, batch: Batch,
   return new_state, metrics
 
 
-def _eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
-  return state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                           train=False)
+def _eval_logits(state: TrainState, images: jax.Array,
+                 metadata: jax.Array | None = None) -> jax.Array:
+  return state.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                           *_inputs(state.model, images, metadata), train=False)
 
 
-def predict(state: TrainState, images: jax.Array) -> jax.Array:
-  """Class probabilities [batch, classes] in evaluation mode."""
-  return head_probabilities(_eval_logits(state, images))
+def predict(state: TrainState, images: jax.Array, metadata: jax.Array | None = None) -> jax.Array:
+  """Class probabilities [batch, classes] in evaluation mode (metadata: see `metadata.py`)."""
+  return head_probabilities(_eval_logits(state, images, metadata))
 
 
 def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -152,14 +158,14 @@ def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.A
   The loss comes from the logits, so it stays finite where a probability
   underflows to 0.
   """
-  logits = _eval_logits(state, batch['image'])
+  logits = _eval_logits(state, batch['image'], batch.get('metadata'))
   return head_probabilities(logits), head_loss(logits, batch['label'])
 
 
 def eval_step(state: TrainState, batch: Batch,
               axis_name: str | None = None) -> Metrics:
   """Metrics of one evaluation batch; `batch['mask']` zeroes padding."""
-  logits = _eval_logits(state, batch['image'])
+  logits = _eval_logits(state, batch['image'], batch.get('metadata'))
   predicted = jnp.argmax(head_probabilities(logits), axis=-1)
   return _metrics(head_loss(logits, batch['label']), predicted, batch['label'], batch['mask'].astype(jnp.float32),
                   max(state.num_outputs, 2), axis_name)

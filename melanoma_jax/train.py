@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, layers,
                           metrics as metrics_lib, models, optim, preemption, reporting, steps)
+from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -83,6 +84,9 @@ def build_state(config: ml_collections.ConfigDict, outputs: int, bn_momentum: fl
   model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
                          bn_momentum=bn_momentum, dtype=jnp.dtype(config.model.get('dtype', 'float32')),
                          conv_impl=config.model.get('conv_impl', 'auto'))
+  if config.model.get('metadata'):
+    model = metadata_lib.MetadataModel(model, num_classes=outputs, dtype=model.dtype,
+                                       feature_dropout=config.model.metadata_dropout)
   return steps.create_train_state(jax.random.key(config.seed), model, optim.make_optimizer(config),
                                   (config.image_size, config.image_size, 3))
 

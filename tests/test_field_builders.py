@@ -433,9 +433,10 @@ def test_source_weights_set_how_often_each_source_is_drawn(combined):
     input_pipeline.source_weights(combined)
 
 
-def test_combined_datasets_train(combined, tmp_path):
+def test_combined_datasets_train_with_metadata(combined, tmp_path):
   from melanoma_jax import train  # pylint: disable=import-outside-toplevel
   combined.num_epochs = 1
+  combined.model.metadata = True
   result = train.train_and_evaluate(combined, str(tmp_path))
   assert 0 <= result['test_balanced_accuracy'] <= 1
 
