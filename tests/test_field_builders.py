@@ -7,6 +7,7 @@ downloads have: missing images, unknown labels, malformed rows.
 
 import pathlib
 
+import field_fixtures
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -22,17 +23,6 @@ from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
 SIZE = 8
-
-
-def _jpeg(path: pathlib.Path, seed: int) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  pixels = np.random.default_rng(seed).integers(0, 256, (15, 20, 3), dtype=np.uint8)
-  Image.fromarray(pixels).save(path)
-
-
-def _csv(path: pathlib.Path, lines: list[str]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
 
 
 def _prepare(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path
@@ -63,43 +53,9 @@ def _skipped(builder: tfds.core.DatasetBuilder) -> dict[str, str]:
 
 # --- HAM10000 ---------------------------------------------------------------------------
 
-HAM_ROWS = [  # lesion_id, image_id, dx, dx_type, age, sex, localization
-    'HAM_0000001,ISIC_0000001,mel,histo,55.0,male,back',
-    'HAM_0000001,ISIC_0000002,mel,histo,55.0,male,back',  # Same lesion, second image.
-    'HAM_0000002,ISIC_0000003,nv,follow_up,,unknown,unknown',  # Missing age, sex, site.
-    'HAM_0000003,ISIC_0000004,bcc,histo,70.0,female,face',
-    'HAM_0000004,ISIC_0000005,akiec,histo,65.0,female,scalp',
-    'HAM_0000005,ISIC_0000006,bkl,consensus,45.0,male,trunk',
-    'HAM_0000006,ISIC_0000007,df,histo,30.0,female,lower extremity',
-    'HAM_0000007,ISIC_0000008,vasc,consensus,5.0,male,acral',
-    'HAM_0000008,ISIC_0000009,xyz,histo,40.0,male,back',  # Unknown label.
-    'HAM_0000009,ISIC_0000010,nv,histo,40.0,male,back',  # No image file.
-    'HAM_0000010,ISIC_0000011,nv,histo,40.0,male',  # Malformed: a field short.
-    'HAM_0000011,ISIC_0000012,nv,histo,40.0,robot,back',  # Unknown sex.
-]
-
-
 @pytest.fixture(scope='module')
 def ham(tmp_path_factory) -> tfds.core.DatasetBuilder:
-  # Kaggle's layout: the dataset folder inside the download folder, each image
-  # folder also present in lower case.
-  root = tmp_path_factory.mktemp('ham') / 'skin-cancer-mnist-ham10000'
-  _csv(root / ham10000.METADATA_CSV, ['lesion_id,image_id,dx,dx_type,age,sex,localization',
-                                      *HAM_ROWS])
-  for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 99):  # 99: not in the CSV.
-    part = ham10000.IMAGE_FOLDERS[i % 2]
-    _jpeg(root / part / f'ISIC_{i:07d}.jpg', seed=i)
-    _jpeg(root / part.lower() / f'ISIC_{i:07d}.jpg', seed=i)
-  (root / ham10000.TEST_IMAGES / 'LICENSE.txt').parent.mkdir()
-  (root / ham10000.TEST_IMAGES / 'LICENSE.txt').write_text('CC-BY-NC')
-  for i in (101, 102, 103):
-    _jpeg(root / ham10000.TEST_IMAGES / f'ISIC_{i:07d}.jpg', seed=i)
-  _csv(root / ham10000.TEST_GROUND_TRUTH, [
-      'image,MEL,NV,BCC,AKIEC,BKL,DF,VASC',
-      'ISIC_0000101,1.0,0.0,0.0,0.0,0.0,0.0,0.0',
-      'ISIC_0000102,0.0,0.0,0.0,0.0,0.0,0.0,1.0',
-      'ISIC_0000103,1.0,1.0,0.0,0.0,0.0,0.0,0.0',  # Two labels.
-  ])
+  root = field_fixtures.write_ham10000(tmp_path_factory.mktemp('ham'))
   return _prepare('ham10000', tmp_path_factory.mktemp('data'), root.parent)
 
 
@@ -154,7 +110,7 @@ def test_ham10000_layout_errors(tmp_path):
   with pytest.raises(image_folders.DatasetLayoutError,
                      match=r'(?s)has no HAM10000_metadata.csv.*Kaggle'):
     _prepare('ham10000', tmp_path / 'data', tmp_path)
-  _csv(tmp_path / ham10000.METADATA_CSV, ['image_id,dx', 'ISIC_0000001,mel'])
+  field_fixtures.write_csv(tmp_path / ham10000.METADATA_CSV, ['image_id,dx', 'ISIC_0000001,mel'])
   for part in ham10000.IMAGE_FOLDERS:
     (tmp_path / part).mkdir()
   with pytest.raises(image_folders.DatasetLayoutError,
@@ -170,39 +126,7 @@ def test_ham10000_layout_errors(tmp_path):
 
 @pytest.fixture(scope='module')
 def isic_2019(tmp_path_factory) -> tfds.core.DatasetBuilder:
-  root = tmp_path_factory.mktemp('isic2019')
-  images = root / isic2019.IMAGE_FOLDER / isic2019.IMAGE_FOLDER  # Nested twice, as some copies are.
-  classes = list(vocabulary.ISIC2019)  # AK BCC BKL DF MEL NV SCC VASC
-
-  def one_hot(hot: str) -> str:
-    return ','.join('1.0' if c == hot else '0.0' for c in [*classes, 'UNK'])
-
-  rows = [f'ISIC_{i:07d},{one_hot(c)}' for i, c in enumerate(classes)]
-  rows += [
-      'ISIC_0000008_downsampled,' + one_hot('MEL'),  # File name ends in _downsampled too.
-      'ISIC_0000009,' + one_hot('NV'),  # File named ISIC_0000009_downsampled.jpg.
-      'ISIC_0000010,' + one_hot('UNK'),
-      'ISIC_0000011,' + one_hot('NV').replace('1.0', 'yes'),
-      'ISIC_0000012,' + one_hot('NV'),  # No image file.
-  ]
-  _csv(root / isic2019.GROUND_TRUTH_CSV, ['image,' + ','.join([*classes, 'UNK']), *rows])
-  for i in range(12):
-    suffix = '_downsampled' if i in (8, 9) else ''
-    _jpeg(images / f'ISIC_{i:07d}{suffix}.jpg', seed=i)
-  (images / 'ATTRIBUTION.txt').write_text('see ISIC')
-  _csv(root / isic2019.METADATA_CSV, [
-      'image,age_approx,anatom_site_general,lesion_id,sex',
-      'ISIC_0000000,55.0,anterior torso,BCN_0000001,male',
-      'ISIC_0000001,55.0,posterior torso,BCN_0000001,male',
-      'ISIC_0000002,,,,',  # All blank, no lesion id.
-      'ISIC_0000003,30.0,head/neck,BCN_0000003,female',
-      'ISIC_0000004,30.0,lateral torso,BCN_0000004,female',
-      'ISIC_0000005,30.0,palms/soles,BCN_0000005,female',
-      'ISIC_0000006,30.0,oral/genital,BCN_0000006,female',
-      'ISIC_0000007,30.0,upper extremity,BCN_0000007,female',
-      'ISIC_0000008_downsampled,70.0,lower extremity,MSK4_0001,male',
-      # No metadata row for ISIC_0000009.
-  ])
+  root = field_fixtures.write_isic2019(tmp_path_factory.mktemp('isic2019'))
   return _prepare('isic2019', tmp_path_factory.mktemp('data'), root)
 
 
@@ -253,30 +177,9 @@ def test_isic2019_groups_never_cross_splits(isic_2019, monkeypatch):
 
 # --- SIIM-ISIC 2020 ---------------------------------------------------------------------
 
-ISIC2020_ROWS = [  # image_name, patient_id, sex, age_approx, site, diagnosis, benign_malignant, target
-    'ISIC_0001001,IP_001,male,45.0,head/neck,melanoma,malignant,1',
-    'ISIC_0001002,IP_001,male,45.0,torso,nevus,benign,0',
-    'ISIC_0001003,IP_002,female,,,unknown,benign,0',
-    'ISIC_0001004,IP_003,female,60.0,upper extremity,seborrheic keratosis,benign,0',
-    'ISIC_0001005,IP_003,female,60.0,lower extremity,solar lentigo,benign,0',
-    'ISIC_0001006,IP_004,male,35.0,palms/soles,cafe-au-lait macule,benign,0',
-    'ISIC_0001007,IP_005,male,35.0,torso,nevus,benign,0',  # Duplicate of 2 ...
-    'ISIC_0001008,IP_006,male,35.0,torso,nevus,benign,0',  # ... and of 7: keep only 2.
-    'ISIC_0001009,IP_007,male,35.0,torso,nevus,malignant,1',  # Target disagrees.
-    'ISIC_0001010,IP_007,male,35.0,torso,dysplastic thing,benign,0',  # Unknown diagnosis.
-]
-
-
 @pytest.fixture(scope='module')
 def isic_2020(tmp_path_factory) -> tfds.core.DatasetBuilder:
-  root = tmp_path_factory.mktemp('isic2020')
-  _csv(root / isic2020.TRAIN_CSV, [','.join(isic2020.COLUMNS), *ISIC2020_ROWS])
-  for i in range(1, 11):
-    _jpeg(root / 'jpeg' / 'train' / f'ISIC_{1000 + i:07d}.jpg', seed=i)
-  (root / 'train').mkdir()
-  (root / 'train' / 'ISIC_0001001.dcm').write_bytes(b'DICM')  # Kaggle's DICOM copies: not read.
-  _csv(root / isic2020.DUPLICATES_CSV, ['image_name_1,image_name_2',
-                                        'ISIC_0001008,ISIC_0001007', 'ISIC_0001007,ISIC_0001002'])
+  root = field_fixtures.write_isic2020(tmp_path_factory.mktemp('isic2020'))
   return _prepare('isic2020', tmp_path_factory.mktemp('data'), root)
 
 
@@ -344,7 +247,7 @@ def test_parallel_map_keeps_order_and_bounds_work_in_flight():
 
 def test_stored_pixels_are_the_decoded_pixels(tmp_path):
   """The PNG bytes written in worker threads decode to exactly `decode_image`'s pixels."""
-  _jpeg(tmp_path / 'a.jpg', seed=3)
+  field_fixtures.jpeg(tmp_path / 'a.jpg', seed=3)
   pixels = image_folders.decode_image(tmp_path / 'a.jpg', 16).pixels
   feature = tfds.features.Image(shape=(16, 16, 3), encoding_format='png')
   np.testing.assert_array_equal(
