@@ -6,6 +6,7 @@ Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -16,7 +17,8 @@ from melanoma_jax import runtime
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go.')
+flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go; '
+                    'relative to the current directory, or a gs:// path.')
 flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
                   'train (preparing the dataset first if needed), or only prepare the dataset.')
 flags.DEFINE_bool('start_over', False, 'Move a previous run in --workdir aside (to previous_runs/) '
@@ -32,16 +34,22 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax logs every checkpoint I/O step at INFO; keep the console for progress.
+  # The console is for our progress: libraries' INFO lines (TFDS, JAX) stay out, and
+  # orbax's lines (every checkpoint I/O step, how long a save waited) altogether.
+  logging.get_absl_handler().addFilter(
+      runtime.show_info_only_from(os.path.dirname(runtime.__file__), __file__))
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import distributed, input_pipeline, train
+  from melanoma_jax import cli, distributed, input_pipeline, train
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   from melanoma_jax.datasets import image_folders
+  # Paths relative to the current directory, or with ~, become absolute here, once.
+  cli.resolve_config_paths(FLAGS.config)
+  workdir = cli.user_path(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
@@ -49,9 +57,9 @@ def main(argv: list[str]) -> None:
         builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
         logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       return
-    if not FLAGS.workdir:
+    if not workdir:
       raise app.UsageError('--workdir is required to train.')
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over)
+    train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
   except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
           FloatingPointError) as e:
     sys.exit(f'Error: {e}')

@@ -7,7 +7,7 @@ folder and prints images/s of, in the same run:
 - `image_folder` preparation as it was: one thread, TensorFlow's PNG
   encoder, no JPEG draft;
 - `image_folder` preparation as it is: `PREPARE_THREADS` threads, our PNG
-  encoder (`image_folders.encode_png`), JPEGs drafted (`DRAFT_MIN_FRACTION`);
+  encoder (`image_folders.encode_png`), JPEGs drafted (`preprocessing.DRAFT_MIN_FRACTION`);
 
 and how much the stored pixels differ between the two (PNG is lossless: only
 `Image.draft`, the JPEG DCT-domain downscaling of `decode_image`, changes
@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from benchmarks.input_pipeline import write_fixture_tree
 from melanoma_jax.datasets import image_folder  # noqa: F401  pylint: disable=unused-import
+from melanoma_jax import preprocessing
 from melanoma_jax.datasets import image_folders
 
 FLAGS = flags.FLAGS
@@ -58,7 +59,7 @@ def tensorflow_png(pixels: np.ndarray) -> bytes:
 def prepare(tree: str, data_dir: str, size: int, threads: int, draft: float,
             encode: Callable[[np.ndarray], bytes]) -> tuple[float, tfds.core.DatasetBuilder]:
   """Seconds to prepare `tree` with the given settings (scan included)."""
-  image_folders.PREPARE_THREADS, image_folders.DRAFT_MIN_FRACTION = threads, draft
+  image_folders.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION = threads, draft
   image_folders.encode_png = encode
   start = time.perf_counter()
   config = image_folders.FolderConfig(name=f'{size}px_benchmark', image_size=size)
@@ -74,7 +75,7 @@ def pixels(builder: tfds.core.DatasetBuilder) -> dict[str, np.ndarray]:
 def decode_without_draft(path: pathlib.Path, size: int) -> np.ndarray:
   with Image.open(path) as image:
     image.load()
-    return image_folders._normalize(image, size).pixels  # pylint: disable=protected-access
+    return preprocessing.square_rgb(image, size).pixels
 
 
 def main(argv):
@@ -86,7 +87,7 @@ def main(argv):
     files = sorted(pathlib.Path(tree).rglob('*.jpg'))
     n = len(files)
     print(f'{n} JPEGs of 600x450 -> {size}x{size}, {image_folders.PREPARE_THREADS} threads')
-    threads, draft = image_folders.PREPARE_THREADS, image_folders.DRAFT_MIN_FRACTION
+    threads, draft = image_folders.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION
     encode = image_folders.encode_png
     bare, before, after = [], [], []
     for r in range(FLAGS.rounds):
@@ -119,7 +120,7 @@ def main(argv):
       Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(large[-1], quality=90)
     timings = {'draft': [], 'full': []}
     for _ in range(FLAGS.rounds):
-      for name, decode in (('draft', lambda p: image_folders.decode_image(p, size).pixels),
+      for name, decode in (('draft', lambda p: preprocessing.decode_image(p, size).pixels),
                            ('full', lambda p: decode_without_draft(p, size))):
         start = time.perf_counter()
         outputs = [decode(p) for p in large]

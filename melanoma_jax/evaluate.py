@@ -11,10 +11,15 @@ WORKDIR/operating_point.json and is left alone.
 import math
 from collections.abc import Sequence
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 from etils import epath
 
-from melanoma_jax import cli, evaluation, input_pipeline, runtime
+from melanoma_jax import cli, evaluation, input_pipeline
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target_sensitivity.
 
@@ -23,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
   parser.add_argument('--split', choices=('train', 'val', 'test'), default='test',
                       help='Split to report on (besides validation, where the threshold is chosen).')
-  parser.add_argument('--output_dir', default=None, help='Default: WORKDIR/evaluation/<split>-step<N>.')
+  parser.add_argument('--output_dir', default=None, type=cli.user_path,
+                      help='Default: WORKDIR/evaluation/<split>-step<N>.')
   parser.add_argument('--target_sensitivity', type=float, default=None,
                       help='Melanoma sensitivity the threshold must reach on validation; '
                       "default: the run's config.")
@@ -43,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           epath.Path(args.workdir) / 'evaluation' / f'{args.split}-step{step}')
   evaluation.write_reports(output_dir, result)
   if jax.process_index() == 0:
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON} and plots.')
+    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
+          f'{evaluation.PREDICTIONS_CSV} and plots.')
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

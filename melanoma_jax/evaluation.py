@@ -13,7 +13,9 @@ or hosts ran the model. Undefined values (0/0, a class absent from the labels)
 are NaN here and null in JSON.
 """
 
+import csv
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ CALIBRATION_BINNING = (
     '(outcome: prediction correct); melanoma ECE bins p(melanoma) (outcome: is melanoma).')
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
+PREDICTIONS_CSV = 'predictions.csv'
 OPERATING_POINT_FILE = 'operating_point.json'
 SPLIT_TITLES = {'train': 'train', 'val': 'validation', 'test': 'Test'}
 
@@ -42,10 +45,11 @@ _p_predict_with_loss = jax.pmap(steps.predict_with_loss, in_axes=(None, 0))
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-  """A split's class probabilities [N, C], labels [N] and per-example losses [N], in its order."""
+  """A split's class probabilities [N, C], labels [N], per-example losses [N] and files, in its order."""
   probs: np.ndarray
   labels: np.ndarray
   losses: np.ndarray
+  file_names: np.ndarray | None = None
 
   def summary(self, prefix: str) -> dict[str, Any]:
     """Loss, accuracy, balanced accuracy, recall per class and confusion, as the training history keys them."""
@@ -80,7 +84,7 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
   ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
   keep = ordered['mask'].astype(bool)
   return Predictions(ordered['probs'][keep], ordered['labels'][keep].astype(np.int32),
-                     ordered['losses'][keep])
+                     ordered['losses'][keep], examples.file_names)
 
 
 def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
@@ -377,8 +381,48 @@ def to_markdown(full: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def csv_cell(value: Any) -> Any:
+  """A prediction CSV's cell: '' for none, yes/no for a flag, 6 decimals for a probability."""
+  if value is None:
+    return ''
+  if isinstance(value, bool):
+    return 'yes' if value else 'no'
+  return f'{value:.6f}' if isinstance(value, float) else value
+
+
+def write_csv(path: epath.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+  """`rows` (dicts keyed by `columns`) as CSV cells, to a local or remote file."""
+  text = io.StringIO(newline='')  # epath's `open` takes no `newline=''`, which csv needs.
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({c: csv_cell(row[c]) for c in columns})
+  epath.Path(path).write_text(text.getvalue())
+
+
+def write_predictions_csv(path: epath.PathLike, file_names: Sequence[str], labels: Sequence[int],
+                          probs: np.ndarray, class_names: Sequence[str]) -> None:
+  """One row per example: file, label, predicted_class, melanoma_probability, p_<class>...
+
+  The columns are named as in `melanoma_jax.inference`'s CSV, so predictions
+  of a split and of image files join and average directly. `labels` are
+  class indices and are written as class names; melanoma_probability is
+  empty without a melanoma class.
+  """
+  probs = np.asarray(probs, np.float64)
+  m = melanoma_index(class_names)
+  columns = ['file', 'label', 'predicted_class', 'melanoma_probability',
+             *(f'p_{name}' for name in class_names)]
+  write_csv(path, columns, [
+      {'file': str(name), 'label': class_names[int(label)],
+       'predicted_class': class_names[int(np.argmax(p))],
+       'melanoma_probability': None if m is None else float(p[m]),
+       **{f'p_{c}': float(v) for c, v in zip(class_names, p)}}
+      for name, label, p in zip(file_names, labels, probs)])
+
+
 def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
-  """report.json, report.md and the plots of the evaluated split; process 0 only."""
+  """report.json, report.md, predictions.csv and the plots of the evaluated split; process 0 only."""
   if jax.process_index() != 0:
     return
   directory = epath.Path(directory)
@@ -388,6 +432,9 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   (directory / REPORT_MD).write_text(to_markdown(full))
   evaluated = full['splits'][full['split']]
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
+  if evaluation.predictions.file_names is not None:
+    write_predictions_csv(directory / PREDICTIONS_CSV, evaluation.predictions.file_names, labels,
+                          probs, full['class_names'])
   plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
                            full['class_names'])
   curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], evaluated['per_class'][name]['roc_auc'])

@@ -10,18 +10,22 @@ its row. --json also writes the same as JSON next to the CSV; --tta averages
 the 8 flips and rotations of each image.
 """
 
-import csv
 import json
 import pathlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, runtime, steps
+from melanoma_jax import cli, evaluation, preprocessing, steps
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import image_folders, tables
 
@@ -60,31 +64,32 @@ def predict_tta(state: steps.TrainState, images: jax.Array,
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
 
 
-def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'no such file'
   try:
-    return image_folders.decode_image(path, image_size).pixels, None
-  except image_folders.UnreadableImageError as e:
+    return preprocessing.model_input(path, stored_size, image_size), None
+  except preprocessing.UnreadableImageError as e:
     return None, str(e)
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False,
+                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
   """(file, class probabilities or None, error or None) per file, in order.
 
+  Files are decoded as the run's dataset stored its images (`stored_size`,
+  default `image_size`) and resized as training resized them
+  (`preprocessing.model_input`). They are decoded a batch at a time; every
+  batch is padded to `batch_size`, so the jitted predict compiles once.
   `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
   a metadata branch; a file it lacks has unknown metadata.
-
-  Files are decoded a batch at a time; every batch is padded to
-  `batch_size`, so the jitted predict compiles once.
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -115,30 +120,18 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
-def _cell(value: Any) -> Any:
-  if value is None:
-    return ''
-  if isinstance(value, bool):
-    return 'yes' if value else 'no'
-  return f'{value:.6f}' if isinstance(value, float) else value
-
-
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert',
              *(f'p_{name}' for name in class_names), 'error']
-  with path.open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      flat = {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}}
-      writer.writerow({c: _cell(flat[c]) for c in columns})
+  evaluation.write_csv(path, columns, [
+      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=int, default=32)
@@ -167,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           file=sys.stderr)
   rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
           predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta,
-                        metadata)]
+                        cli.stored_image_size(config, meta), metadata)]
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
@@ -182,5 +175,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

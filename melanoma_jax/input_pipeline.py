@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from melanoma_jax import datasets
+from melanoma_jax import datasets, preprocessing
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import tables, vocabulary
@@ -63,11 +63,16 @@ class Examples:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The three splits the training loop uses, and the label names."""
+  """The three splits the training loop uses, and the label names.
+
+  `stored_image_size` is the side of the dataset's stored squares, which the
+  splits were resized from (`preprocessing`): prediction on files needs it.
+  """
   train: Examples
   val: Examples
   test: Examples
   class_names: tuple[str, ...]
+  stored_image_size: int | None = None
   sources: tuple[str, ...] = ()  # The datasets combined, when config.dataset names several.
 
 
@@ -95,8 +100,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   """All examples of `split`, resized to image_size, in the builder's order."""
 
   def resize(example):
-    image = tf.image.resize(example['image'], (image_size, image_size), antialias=True)
-    return {**example, 'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
+    return {**example, 'image': preprocessing.resize(example['image'], image_size)}
 
   if split not in builder.info.splits:
     raise DataError(
@@ -152,8 +156,8 @@ def carve_test(examples: Examples, test_fraction: float) -> tuple[Examples, Exam
 
 
 def _single_splits(config: ml_collections.ConfigDict, dataset: str
-                   ) -> tuple[Examples, Examples, tuple[str, ...]]:
-  """(train, test, class names) of one dataset; Test carved from train if unpublished."""
+                   ) -> tuple[Examples, Examples, tuple[str, ...], int]:
+  """(train, test, class names, stored image size) of one dataset; Test carved if unpublished."""
   builder = prepared_builder(config, dataset)
   class_names = tuple(builder.info.features['label'].names)
   train_full = _read_split(builder, 'train', config.image_size)
@@ -161,7 +165,7 @@ def _single_splits(config: ml_collections.ConfigDict, dataset: str
     train_full, test = carve_test(train_full, config.test_fraction)
   else:
     test = _read_split(builder, 'test', config.image_size)
-  return train_full, test, class_names
+  return train_full, test, class_names, builder.info.features['image'].shape[0]
 
 
 def combined_sources(dataset: str) -> tuple[str, ...]:
@@ -188,8 +192,8 @@ def _concat(parts: list[Examples]) -> Examples:
 
 
 def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
-                     ) -> tuple[Examples, Examples, tuple[str, ...]]:
-  """(train, test, class names) of several datasets in the common class vocabulary.
+                     ) -> tuple[Examples, Examples, tuple[str, ...], int]:
+  """(train, test, class names, stored size) of several datasets in the common class vocabulary.
 
   Labels map to `vocabulary.COMMON_CLASSES`; the classes are the union of
   the sources'. An image id already taken from an earlier source is dropped
@@ -199,12 +203,16 @@ def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
   loaded = [_single_splits(config, name) for name in sources]
   try:
     common = {name: [vocabulary.to_common(name, c) for c in classes]
-              for name, (_, _, classes) in zip(sources, loaded)}
+              for name, (_, _, classes, _) in zip(sources, loaded)}
   except ValueError as e:
     raise DataError(str(e)) from None
   names = vocabulary.common_classes({c for classes in common.values() for c in classes})
   seen, trains, tests = set(), [], []
-  for index, (name, (train, test, classes)) in enumerate(zip(sources, loaded)):
+  stored_sizes = {name: size for name, (*_, size) in zip(sources, loaded)}
+  if len(set(stored_sizes.values())) > 1:
+    raise DataError(f'Datasets combined in config.dataset are stored at different sizes '
+                    f'{stored_sizes}; prepare them at one size, as prediction decodes at one.')
+  for index, (name, (train, test, _, _)) in enumerate(zip(sources, loaded)):
     to_union = np.array([names.index(c) for c in common[name]], np.int32)
     for split, out in ((train, trains), (test, tests)):
       keys = [tables.image_key(f) for f in split.file_names]
@@ -216,7 +224,7 @@ def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
       out.append(dataclasses.replace(split, labels=to_union[split.labels], extras={
           **split.extras, 'source': np.full(len(split), index, np.int32)}))
   logging.info('Combined %s: %d classes %s.', '+'.join(sources), len(names), names)
-  return _concat(trains), _concat(tests), names
+  return _concat(trains), _concat(tests), names, loaded[0][3]
 
 
 def source_weights(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -260,9 +268,9 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   """Reads Train and Test, maps labels to the task, splits off validation."""
   sources = combined_sources(config.dataset)
   if len(sources) > 1:
-    train_full, test, class_names = _combined_splits(config, sources)
+    train_full, test, class_names, stored_size = _combined_splits(config, sources)
   else:
-    train_full, test, class_names = _single_splits(config, config.dataset)
+    train_full, test, class_names, stored_size = _single_splits(config, config.dataset)
   if config.task == 'melanoma_vs_rest':
     if datasets.MELANOMA not in class_names:
       raise DataError(f'task=melanoma_vs_rest needs a {datasets.MELANOMA!r} class; '
@@ -286,7 +294,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
                                       config.val_fraction, config.seed)
   return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names,
-              sources if len(sources) > 1 else ())
+              stored_image_size=stored_size, sources=sources if len(sources) > 1 else ())
 
 
 def host_shard(examples: Examples) -> Examples:
@@ -349,6 +357,18 @@ def _index_stream(labels: np.ndarray, balance: bool, num_classes: int, seed: int
                      .shuffle(len(members), seed=seed + c).repeat())
   return tf.data.Dataset.sample_from_datasets(
       per_class, weights=[1.0 / num_classes] * num_classes, seed=seed)
+
+
+def expected_draws_per_class(labels: np.ndarray, num_classes: int, balance: bool,
+                             num_draws: int) -> np.ndarray:
+  """How many examples of each class `num_draws` draws of the training stream hold, in expectation.
+
+  Balanced, every class is equally likely per draw; otherwise each class
+  comes up as often as it is stored.
+  """
+  if balance:
+    return np.full(num_classes, num_draws / num_classes)
+  return np.bincount(labels, minlength=num_classes) * num_draws / len(labels)
 
 
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,

@@ -9,8 +9,14 @@ and upsamples it onto the image. So a clinician can check that an alert
 rests on the lesion, not on a ruler, hair or the vignette.
 """
 
+import os
 import sys
 from collections.abc import Sequence
+
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
 
 import flax.linen as nn
 import jax
@@ -18,8 +24,7 @@ import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
 
-from melanoma_jax import cli, plots, runtime, steps
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import cli, plots, preprocessing, steps
 
 # SeedCNN: bn4 takes relu(conv4), the rectified maps of the last convolution,
 # which sits after two 2x2 poolings (a feature-map pixel per 4 image pixels).
@@ -83,25 +88,25 @@ def class_index(name_or_index: str, class_names: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
-  parser.add_argument('--image', required=True)
+  parser.add_argument('--image', required=True, type=cli.user_path)
   parser.add_argument('--class', dest='class_name', default=None,
                       help='Class name or number; default: the predicted class.')
-  parser.add_argument('--output', required=True, help='PNG file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='PNG file to write.')
   args = parser.parse_args(argv)
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   try:
-    pixels = image_folders.decode_image(args.image, config.image_size).pixels
+    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
-  except (image_folders.UnreadableImageError, ValueError) as e:
+  except (preprocessing.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {args.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
   plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
                          f'(p={probs[index]:.3f}; predicted {class_names[int(np.argmax(probs))]})')
   print(f'Wrote {args.output}')
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

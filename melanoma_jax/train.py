@@ -20,7 +20,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import (checkpointing, distributed, evaluation, input_pipeline, layers,
-                          metrics as metrics_lib, models, optim, preemption, reporting, steps)
+                          metrics as metrics_lib, model_summary, models, optim, preemption, reporting,
+                          steps)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import ConfigError
 
@@ -156,6 +157,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, build_state(config, outputs, bn_momentum), workdir)
+  reporting.write_model_summary(workdir, model_summary.layer_table(
+      state.model, (config.image_size, config.image_size, 3), train=False))
+  if not meta:
+    reporting.plot_dataset_overview(workdir, data, input_pipeline.expected_draws_per_class(
+        data.train.labels, num_classes, config.balance_classes, epoch_steps * config.batch_size))
   # Replicated on this host's devices, as the pmapped step returns it: the
   # step donates the state, and donation that needs resharding fails on
   # multi-host pmap.
@@ -164,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   reporting.write_history(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
-  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names), **kw}
+  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
+                                  'stored_image_size': data.stored_image_size, **kw}
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))

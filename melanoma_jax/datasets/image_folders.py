@@ -1,7 +1,7 @@
 """Reading `ROOT/<split>/<class>/<image>` trees, shared by the real-data builders.
 
-The scanning, decoding and grouping functions are plain Python so they can be
-tested without TFDS; `FolderBuilder` wires them into a TFDS builder that also
+The scanning and grouping functions are plain Python so they can be tested
+without TFDS (decoding is `melanoma_jax.preprocessing`, shared with prediction); `FolderBuilder` wires them into a TFDS builder that also
 writes a preparation report next to the prepared files. All file access goes
 through `etils.epath`, so trees and CSVs may live on `gs://` or other remote
 file systems.
@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import pathlib
 import re
@@ -27,11 +26,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from absl import logging
 from etils import epath
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import lesion_features
+# Decoding is shared with prediction; re-exported for the builders and their users.
+from melanoma_jax.preprocessing import DecodedImage, UnreadableImageError, decode_image  # noqa: F401
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png')
 DEFAULT_IMAGE_SIZE = 256
@@ -40,12 +39,6 @@ REPORT_FILE_NAME = 'preparation_report.json'
 # releases the GIL while it decodes, resizes and compresses, so threads scale
 # with cores without copying pixels between processes.
 PREPARE_THREADS = max(2, os.cpu_count() or 1)
-# A JPEG may be decoded at a DCT scale (1/2, 1/4, 1/8) whose sides are at
-# least this fraction of the stored size, then resized: a 600x450 ISIC JPEG
-# at 1/2 (300x225) for 256 px. Training at most this fraction of the stored
-# size (180 of 256 by default) then sees no detail lost; 1.0 turns it off
-# for everything but JPEGs at least twice the stored size.
-DRAFT_MIN_FRACTION = 7 / 8
 # Written into a preparation's temporary folder, so a later preparation can
 # tell the leftovers of a killed one from a preparation still running.
 _PREPARING_FILE_NAME = 'preparing.json'
@@ -57,24 +50,10 @@ GROUP_COLUMNS = ('patient_id', 'lesion_id')
 
 _IGNORED_NAMES = ('__MACOSX',)  # macOS zip resource forks.
 _SPLIT_NAME = re.compile(r'^[\w-]+$')  # What TFDS split slicing ('train[:80%]') accepts.
-_EXIF_ORIENTATION = 0x0112
-_MODE_NAMES = {
-    '1': 'black-and-white',
-    'L': 'grayscale',
-    'LA': 'grayscale+alpha',
-    'P': 'palette',
-    'PA': 'palette+alpha',
-}
-# What PIL raises on corrupt, truncated or non-image files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class DatasetLayoutError(ValueError):
   """The data on disk is not laid out as the builder expects."""
-
-
-class UnreadableImageError(ValueError):
-  """An image file cannot be decoded; preparation skips it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +80,6 @@ class FolderTree:
   class_names: tuple[str, ...]
   splits: Mapping[str, tuple[ImageRecord, ...]]
   skipped: tuple[Skipped, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodedImage:
-  """A uint8 RGB square image and the conversions done to get it."""
-  pixels: np.ndarray
-  conversions: tuple[str, ...]
 
 
 def layout_diagram(root_name: str = 'ROOT',
@@ -321,72 +293,6 @@ def group_id(file_name: str, groups: Mapping[str, str] | None) -> str:
   if groups is None:
     return ''
   return groups.get(group_key(file_name), file_name)
-
-
-def _to_8bit(values: np.ndarray) -> np.ndarray:
-  """Scales 16-bit samples to 8 bits with rounding; PIL's `convert` clips at 255."""
-  wide = np.clip(values.astype(np.int64), 0, 65535)
-  return ((wide + 128) // 257).astype(np.uint8)
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-  """Converts any PIL mode to RGB; returns the conversion done, if any."""
-  mode = image.mode
-  name = _MODE_NAMES.get(mode, mode)
-  if mode.startswith('I'):  # 'I;16', 'I;16B', 'I': a 16-bit grayscale PNG.
-    gray = Image.fromarray(_to_8bit(np.asarray(image)))
-    return gray.convert('RGB'), '16-bit grayscale -> 8-bit RGB'
-  if image.has_transparency_data:
-    rgba = image.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB'), (
-        f'{name} -> RGB (alpha composited on white)')
-  if mode == 'RGB':
-    return image, None
-  return image.convert('RGB'), f'{name} -> RGB'
-
-
-def _normalize(image: Image.Image, image_size: int,
-               original_size: tuple[int, int] | None = None) -> DecodedImage:
-  """RGB, upright, resized; `original_size` is the file's size before any `draft`."""
-  conversions = []
-  if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-    image = ImageOps.exif_transpose(image)
-    conversions.append('EXIF orientation applied')
-  image, conversion = _to_rgb(image)
-  if conversion:
-    conversions.append(conversion)
-  if min(original_size or image.size) < image_size:
-    conversions.append(f'upscaled (a side under {image_size} px)')
-  if image.size != (image_size, image_size):
-    image = image.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-  return DecodedImage(np.asarray(image, dtype=np.uint8), tuple(conversions))
-
-
-def decode_image(path: epath.PathLike, image_size: int) -> DecodedImage:
-  """Decodes any supported image to uint8 RGB, resized once to a square.
-
-  A large JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-  (`Image.draft`) before the LANCZOS resize, at the smallest scale that keeps
-  each side at least `DRAFT_MIN_FRACTION` of `image_size`: several times
-  faster for pixel differences of a few grey levels (measured in README.md).
-  Inference decodes through here too, so it sees the same pixels.
-
-  Raises:
-    UnreadableImageError: corrupt, truncated or non-image file.
-  """
-  try:
-    with epath.Path(path).open('rb') as f, Image.open(f) as image:
-      original_size = image.size
-      least = math.ceil(image_size * DRAFT_MIN_FRACTION)
-      image.draft(image.mode, (least, least))  # A no-op but for JPEGs.
-      image.load()  # Decode now, so truncation shows up here.
-      return _normalize(image, image_size, original_size)
-  except Image.UnidentifiedImageError as error:
-    raise UnreadableImageError('not an image file (unrecognised format)') from error
-  except _DECODE_ERRORS as error:
-    raise UnreadableImageError(
-        f'corrupt, truncated or unsupported ({type(error).__name__}: {error})') from error
 
 
 class PreparationReport:
