@@ -73,8 +73,12 @@ def write_ham10000(folder: pathlib.Path) -> pathlib.Path:
   return root
 
 
-def write_isic2019(folder: pathlib.Path) -> pathlib.Path:
-  """ISIC 2019 training data, images nested twice, some `_downsampled`."""
+def write_isic2019(folder: pathlib.Path, clean_per_class: int = 0) -> pathlib.Path:
+  """ISIC 2019 training data, images nested twice, some `_downsampled`.
+
+  `clean_per_class` more lesions of each class, one image each, make it big
+  enough to split into train, validation and test.
+  """
   root = folder / 'isic2019'
   images = root / isic2019.IMAGE_FOLDER / isic2019.IMAGE_FOLDER  # Nested twice, as some copies are.
   classes = list(vocabulary.ISIC2019)  # AK BCC BKL DF MEL NV SCC VASC
@@ -90,8 +94,10 @@ def write_isic2019(folder: pathlib.Path) -> pathlib.Path:
       'ISIC_0000011,' + one_hot('NV').replace('1.0', 'yes'),
       'ISIC_0000012,' + one_hot('NV'),  # No image file.
   ]
+  clean = [(100 + 10 * c + k, name) for c, name in enumerate(classes) for k in range(clean_per_class)]
+  rows += [f'ISIC_{i:07d},{one_hot(name)}' for i, name in clean]
   write_csv(root / isic2019.GROUND_TRUTH_CSV, ['image,' + ','.join([*classes, 'UNK']), *rows])
-  for i in range(12):
+  for i in [*range(12), *(i for i, _ in clean)]:
     suffix = '_downsampled' if i in (8, 9) else ''
     jpeg(images / f'ISIC_{i:07d}{suffix}.jpg', seed=i)
   (images / 'ATTRIBUTION.txt').write_text('see ISIC')
@@ -107,6 +113,7 @@ def write_isic2019(folder: pathlib.Path) -> pathlib.Path:
       'ISIC_0000007,30.0,upper extremity,BCN_0000007,female',
       'ISIC_0000008_downsampled,70.0,lower extremity,MSK4_0001,male',
       # No metadata row for ISIC_0000009.
+      *(f'ISIC_{i:07d},50.0,torso,BCN_{i:07d},female' for i, _ in clean),
   ])
   return root
 
@@ -125,10 +132,21 @@ ISIC2020_ROWS = [  # image_name, patient_id, sex, age_approx, site, diagnosis, b
 ]
 
 
-def write_isic2020(folder: pathlib.Path) -> pathlib.Path:
-  """SIIM-ISIC 2020 as Kaggle ships it, plus the ISIC site's duplicates list."""
+def write_isic2020(folder: pathlib.Path, clean_per_class: int = 0) -> pathlib.Path:
+  """SIIM-ISIC 2020 as Kaggle ships it, plus the ISIC site's duplicates list.
+
+  `clean_per_class` more patients of each class, one image each, make it big
+  enough to split into train, validation and test.
+  """
   root = folder / 'siim-isic-melanoma-classification'
-  write_csv(root / isic2020.TRAIN_CSV, [','.join(isic2020.COLUMNS), *ISIC2020_ROWS])
+  diagnoses = ('melanoma', 'nevus', 'solar lentigo', 'unknown')
+  clean = [(1100 + 10 * d + k, name) for d, name in enumerate(diagnoses)
+           for k in range(clean_per_class)]
+  write_csv(root / isic2020.TRAIN_CSV, [','.join(isic2020.COLUMNS), *ISIC2020_ROWS, *(
+      f'ISIC_{i:07d},IP_{i},male,40.0,torso,{name},x,{int(name == "melanoma")}'
+      for i, name in clean)])
+  for i, _ in clean:
+    jpeg(root / 'jpeg' / 'train' / f'ISIC_{i:07d}.jpg', seed=i)
   for i in range(1, 11):
     jpeg(root / 'jpeg' / 'train' / f'ISIC_{1000 + i:07d}.jpg', seed=i)
   (root / 'train').mkdir()
@@ -140,9 +158,10 @@ def write_isic2020(folder: pathlib.Path) -> pathlib.Path:
 
 
 def write_downloads(folder: pathlib.Path) -> pathlib.Path:
-  """All three side by side, as one `manual_dir` for every builder."""
-  for write in (write_ham10000, write_isic2019, write_isic2020):
-    write(folder)
+  """All three side by side, as one `manual_dir` for every builder, big enough to train."""
+  write_ham10000(folder)
+  write_isic2019(folder, clean_per_class=3)
+  write_isic2020(folder, clean_per_class=3)
   return folder
 
 
