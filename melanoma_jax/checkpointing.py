@@ -62,9 +62,21 @@ def restore(mngr: ocp.CheckpointManager, step: int,
   """
   replicated = NamedSharding(_global_mesh(), P())
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-  local = multihost_utils.global_array_to_host_local_array(restored.state, _global_mesh(), P())
+  restore_args = lambda tree: ocp.args.Composite(state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore())
+  try:
+    restored = mngr.restore(step, args=restore_args(template))
+    global_state = restored.state
+  except ValueError:
+    if set(state.model_state) != {'batch_stats'}:
+      raise
+    # Checkpoints written before the generic `model_state` kept BatchNorm
+    # statistics in a `batch_stats` field of the state.
+    fields = ('step', 'params', 'opt_state', 'rng')
+    legacy = {**{f: getattr(template, f) for f in fields}, 'batch_stats': template.model_state['batch_stats']}
+    restored = mngr.restore(step, args=restore_args(legacy))
+    global_state = template.replace(**{f: restored.state[f] for f in fields},
+                                    model_state={'batch_stats': restored.state['batch_stats']})
+  local = multihost_utils.global_array_to_host_local_array(global_state, _global_mesh(), P())
   return local, restored.meta
 
 

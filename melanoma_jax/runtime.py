@@ -10,7 +10,7 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   YNNPACK instead and keeps matmuls and convolutions on Eigen. It is
   experimental, so it is set only for the jaxlib releases it was measured on
   (an unknown flag aborts XLA), and it changes which lowering is fastest
-  (`layers.resolve`).
+  (`models.seed_cnn_lowering.resolve`).
 * glibc returns every freed block over 32 MiB to the kernel, so each step
   faults its GBs of temporaries in again, 4 KiB at a time: a one-epoch
   launch.py run took 27M page faults and 53 s of system time; with

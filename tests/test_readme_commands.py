@@ -1,7 +1,7 @@
 """Every command the README shows, run as a new user types it, from a fresh directory.
 
 Each `python launch.py ...` and `python -m melanoma_jax....` command of
-README.md's shell blocks runs in a temporary current directory holding only
+README.md's shell blocks (```bash and plain ```) runs in a temporary current directory holding only
 what a clone has there (launch.py and configs/, linked), with relative
 paths exactly as written. Allowed changes: size overrides appended to
 training commands (a tiny dataset, one epoch, 32 px), optional `[...]` parts
@@ -29,9 +29,6 @@ from melanoma_jax.datasets import ISIC_CLASSES, isic_skin_cancer
 import field_fixtures
 from test_real_builders import _tree
 
-# One pytest-xdist worker runs them all, so the trained runs are shared (pyproject: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('readme_commands')
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / 'README.md'
 TIMEOUT = 300  # seconds per command; a hang fails the test
@@ -47,10 +44,26 @@ SKIPPED = {  # What a command needs that a test machine lacks.
 }
 
 
+def _shell_blocks(text: str) -> list[str]:
+  """The contents of the fenced blocks marked bash, sh or nothing."""
+  blocks, current, shell = [], None, False
+  for line in text.splitlines():
+    if not line.startswith('```'):
+      if current is not None:
+        current.append(line)
+    elif current is None:
+      current, shell = [], line[3:].strip() in ('', 'bash', 'sh', 'shell')
+    else:
+      if shell:
+        blocks.append('\n'.join(current))
+      current = None
+  return blocks
+
+
 def readme_commands() -> list[str]:
-  """The README's launch.py and melanoma_jax commands, in order, continuation lines joined."""
+  """The launch.py and melanoma_jax commands of the README's shell blocks, in order, lines joined."""
   commands = []
-  for block in re.findall(r'```bash\n(.*?)```', README.read_text(), re.S):
+  for block in _shell_blocks(README.read_text()):
     for line in re.sub(r'\\\n\s*', ' ', block).splitlines():
       commands += [m.group(0).strip() for m in re.finditer(
           r'python (?:launch\.py|-m melanoma_jax\.\w+)\b[^&"#\n]*', line)]
