@@ -1,6 +1,8 @@
 """Entry point: `python launch.py --config=configs/balanced.py:synthetic --workdir=runs/x`.
 
 `--mode=prepare` only prepares the dataset (training does it on first use).
+`--config.num_folds=K --all_folds` trains every fold of a K-fold
+cross-validation into WORKDIR/fold_i/ (`melanoma_jax.cross_validation`).
 
 Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
@@ -23,6 +25,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
                   'train (preparing the dataset first if needed), or only prepare the dataset.')
 flags.DEFINE_bool('start_over', False, 'Move a previous run in --workdir aside (to previous_runs/) '
                   'instead of resuming it; needed when the model or data changed.')
+flags.DEFINE_bool('all_folds', False, 'Cross-validation: train every fold of --config.num_folds into '
+                  'WORKDIR/fold_i/ (finished folds skipped), then write out-of-fold predictions, '
+                  'the fold ensemble\'s report and cv_report.md.')
 flags.DEFINE_bool('distributed', False, 'Multi-host: join the other processes, found automatically '
                   'on Cloud TPU VMs and under SLURM.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host, explicit: host:port of process 0.')
@@ -43,7 +48,7 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import cli, distributed, input_pipeline, train
+  from melanoma_jax import cli, cross_validation, distributed, ensemble, input_pipeline, train
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   from melanoma_jax.datasets import image_folders
@@ -59,9 +64,12 @@ def main(argv: list[str]) -> None:
       return
     if not workdir:
       raise app.UsageError('--workdir is required to train.')
-    train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
+    if FLAGS.all_folds:
+      cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
+    else:
+      train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
   except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
-          FloatingPointError) as e:
+          ensemble.EnsembleError, FloatingPointError) as e:
     sys.exit(f'Error: {e}')
 
 

@@ -39,6 +39,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # from a source with these weights ('isic2019:1,isic2020:0.5'); '' draws
   # from the union as one dataset.
   config.source_weights = ''
+  # Grouped, stratified k-fold cross-validation: with num_folds=K (>= 2),
+  # validation is fold `fold` (0..K-1) of Train instead of val_fraction of
+  # it; `launch.py --all_folds` trains every fold. 0: no folds.
+  config.num_folds = 0
+  config.fold = 0
   config.balance_classes = False
 
   config.augment = ml_collections.ConfigDict()

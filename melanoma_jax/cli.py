@@ -34,10 +34,15 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> None:
       config[field] = user_path(config[field])
 
 
-def run_parser(doc: str) -> argparse.ArgumentParser:
-  """A parser with --workdir (the run) and --step (its checkpoint); `doc` is the help."""
+def run_parser(doc: str, several: bool = False) -> argparse.ArgumentParser:
+  """A parser with --workdir (the run; `several`: one or more) and --step; `doc` is the help."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, type=user_path, help='The training run (launch.py --workdir).')
+  if several:
+    parser.add_argument('--workdir', required=True, nargs='+', metavar='WORKDIR', type=user_path,
+                        help='The training run (launch.py --workdir); several, or a cross-validation '
+                        'run (launch.py --all_folds), make an ensemble.')
+  else:
+    parser.add_argument('--workdir', required=True, type=user_path, help='The training run (launch.py --workdir).')
   parser.add_argument('--step', type=int, default=None,
                       help='Checkpoint step; default: the best by validation loss.')
   return parser

@@ -22,10 +22,9 @@ if __name__ == '__main__':
   runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, preprocessing, steps
+from melanoma_jax import cli, ensemble, evaluation, preprocessing, steps
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import image_folders, tables
 
@@ -46,22 +45,7 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   return found
 
 
-def dihedral(images: jax.Array, k: int) -> jax.Array:
-  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
-  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
-  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
-
-
-def predict_tta(state: steps.TrainState, images: jax.Array,
-                metadata: jax.Array | None = None) -> jax.Array:
-  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
-  batch = images.shape[0]
-  metadata = None if metadata is None else jnp.tile(metadata, (8, 1))
-  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]), metadata)
-  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
-
-
-_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
+_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
 def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
@@ -128,8 +112,29 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
+def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
+  try:
+    description = ensemble.read_description(args.ensemble or args.workdir[0])
+    if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
+      raise ensemble.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
+                                   f'{description["runs"]}, not of {args.workdir}.')
+    if args.tta != description['tta']:
+      raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+                                   '--tta and its threshold holds only that way: pass the same.')
+    results = ensemble.predict_files(description, files, args.batch_size)
+  except ensemble.EnsembleError as e:
+    sys.exit(f'Error: {e}')
+  operating_point = description['operating_point']
+  threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
+  return description['class_names'], threshold, results
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__)
+  parser = cli.run_parser(__doc__, several=True)
+  parser.add_argument('--ensemble', default=None,
+                      help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
+                      "models, --combine, --tta, threshold); default: a CV run's own.")
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
   parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
@@ -141,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--threshold', type=float, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
+  files = find_images(args.paths)
+  if len(args.workdir) > 1 or ensemble.is_cv_run(args.workdir[0]) or args.ensemble:
+    class_names, threshold, results = _ensemble_predictions(args, files)
+    _write_results(args, class_names, threshold, results, step=None)
+    return
+  args.workdir = args.workdir[0]
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   operating_point = evaluation.read_operating_point(args.workdir)
@@ -158,15 +169,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   elif args.metadata_csv is not None:
     print(f'Warning: this run has no metadata branch; {args.metadata_csv} is not used.',
           file=sys.stderr)
-  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
-          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta,
-                        cli.stored_image_size(config, meta), metadata)]
+  _write_results(args, class_names, threshold, predict_files(
+      state, files, config.image_size, args.batch_size, args.tta, cli.stored_image_size(config, meta),
+      metadata), step=int(state.step))
+
+
+def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
+                   step: int | None) -> None:
+  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in results]
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
   if args.json:
     output.with_suffix('.json').write_text(json.dumps({
-        'workdir': args.workdir, 'step': int(state.step), 'class_names': class_names,
+        'workdir': args.workdir, 'step': step, 'class_names': class_names,
         'threshold': threshold, 'tta': args.tta, 'predictions': rows}, indent=2))
   errors = sum(row['error'] is not None for row in rows)
   alerts = sum(bool(row['melanoma_alert']) for row in rows)

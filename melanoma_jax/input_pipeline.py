@@ -2,7 +2,9 @@
 
 Train/validation is split on whole groups (lesion or patient; each image is
 its own group when nothing better is known), stratified by class, before any
-augmentation, so no image or copy of one lands on both sides. Test is only
+augmentation, so no image or copy of one lands on both sides; with
+`config.num_folds` the validation split is fold `config.fold` of a grouped,
+stratified k-fold partition of Train. Test is only
 for the final evaluation.
 
 Splits are held in memory as uint8 arrays at the training resolution (the
@@ -141,6 +143,35 @@ def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: floa
   is_val = np.zeros(len(groups), bool)
   is_val[np.concatenate(val_groups)] = True
   return np.flatnonzero(~is_val[inverse]), np.flatnonzero(is_val[inverse])
+
+
+def assign_folds(labels: np.ndarray, group_ids: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+  """The cross-validation fold [N] of every example: whole groups per fold, stratified by class.
+
+  A group's class is the label of its first image (as in `split_by_group`).
+  Class by class, groups in a seeded random order (largest first) go to the
+  fold holding fewest images of that class so far (then fewest images), so
+  per-class counts differ between folds by at most the largest group.
+  """
+  groups, first, inverse, sizes = np.unique(group_ids, return_index=True, return_inverse=True,
+                                            return_counts=True)
+  if not 2 <= num_folds <= len(groups):
+    raise ValueError(f'num_folds={num_folds} must be in [2, {len(groups)}] (the number of lesion '
+                     'or patient groups).')
+  group_labels = labels[first]
+  classes = np.unique(group_labels)
+  rng = np.random.default_rng(seed)
+  class_counts = np.zeros((len(classes), num_folds), np.int64)
+  totals = np.zeros(num_folds, np.int64)
+  group_fold = np.empty(len(groups), np.int64)
+  for c, label in enumerate(classes):
+    members = rng.permutation(np.flatnonzero(group_labels == label))
+    for g in members[np.argsort(-sizes[members], kind='stable')]:
+      fold = np.lexsort((np.arange(num_folds), totals, class_counts[c]))[0]
+      group_fold[g] = fold
+      class_counts[c, fold] += sizes[g]
+      totals[fold] += sizes[g]
+  return group_fold[inverse.reshape(-1)]
 
 
 def carve_test(examples: Examples, test_fraction: float) -> tuple[Examples, Examples]:
@@ -291,8 +322,15 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
                  matched, len(train_full))
     train_full = dataclasses.replace(train_full, group_ids=np.array(
         [image_folders.group_id(name, groups) for name in train_full.file_names]))
-  train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
-                                      config.val_fraction, config.seed)
+  if config.get('num_folds'):
+    try:
+      folds = assign_folds(train_full.labels, train_full.group_ids, config.num_folds, config.seed)
+    except ValueError as e:
+      raise DataError(f'config.{e}') from None
+    train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
+  else:
+    train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
+                                        config.val_fraction, config.seed)
   return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names,
               stored_image_size=stored_size, sources=sources if len(sources) > 1 else ())
 

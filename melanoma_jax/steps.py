@@ -178,6 +178,27 @@ def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.A
   return head_probabilities(logits), head_loss(logits, batch['label'])
 
 
+def dihedral(images: jax.Array, k: int) -> jax.Array:
+  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
+  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
+  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
+
+
+def predict_tta(state: TrainState, images: jax.Array, metadata: jax.Array | None = None) -> jax.Array:
+  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
+  batch = images.shape[0]
+  metadata = None if metadata is None else jnp.tile(metadata, (8, 1))
+  probs = predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]), metadata)
+  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
+
+
+def predict_with_loss_tta(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """As `predict_with_loss` over the 8 dihedral views: averaged probabilities and their cross-entropy."""
+  probs = predict_tta(state, batch['image'])
+  p_label = jnp.take_along_axis(probs, batch['label'][:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return probs, -jnp.log(jnp.maximum(p_label, jnp.finfo(probs.dtype).tiny))
+
+
 def eval_step(state: TrainState, batch: Batch,
               axis_name: str | None = None) -> Metrics:
   """Metrics of one evaluation batch; `batch['mask']` zeroes padding."""

@@ -57,6 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       '(parameters always stay float32).')
   if not 0 < config.val_fraction < 1:
     raise ConfigError(f'config.val_fraction={config.val_fraction} must be in (0, 1).')
+  num_folds = config.get('num_folds', 0)
+  if num_folds and not (num_folds >= 2 and 0 <= config.fold < num_folds):
+    raise ConfigError(f'config.num_folds={num_folds}, config.fold={config.fold}: cross-validation '
+                      'needs num_folds >= 2 (0 turns it off) and fold in [0, num_folds).')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be >= 1.')
   if not 0 < config.target_sensitivity <= 1:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from melanoma_jax.models import interface, resnet, seed_cnn, vit, weight_files
+from melanoma_jax.models import efficientnet, interface, resnet, seed_cnn, vit, weight_files
 from melanoma_jax.models.interface import FEATURES, ModelSpec, mark_features
 from melanoma_jax.models.seed_cnn import SeedCNN
 
@@ -20,6 +20,10 @@ MODELS: dict[str, ModelSpec] = {
     'resnet18': resnet.spec(resnet.ResNet18),
     'resnet34': resnet.spec(resnet.ResNet34),
     'resnet50': resnet.spec(resnet.ResNet50),
+    'efficientnet_b0': efficientnet.spec('b0'),
+    'efficientnet_b1': efficientnet.spec('b1'),
+    'efficientnet_b2': efficientnet.spec('b2'),
+    'efficientnet_b3': efficientnet.spec('b3'),
     'vit_s16': vit.spec(vit.ViTS16),
     'vit_b16': vit.spec(vit.ViTB16),
 }

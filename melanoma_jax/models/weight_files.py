@@ -10,6 +10,8 @@ import numpy as np
 from etils import epath
 from safetensors import numpy as safetensors_numpy
 
+from melanoma_jax.models.keras_h5 import read_keras_h5
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -28,6 +30,7 @@ def read_npz(path: epath.PathLike) -> Arrays:
 READERS: dict[str, Callable[[epath.PathLike], Arrays]] = {
     'safetensors': read_safetensors,
     'npz': read_npz,
+    'h5': read_keras_h5,  # Keras: legacy .h5 and Keras 3 .weights.h5
 }
 
 
