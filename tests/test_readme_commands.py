@@ -119,8 +119,9 @@ class User:
       # The README command that trains this run comes first.
       self.run(next(c for c in readme_commands() if c.startswith('python launch.py')
                     and _flag(shlex.split(c), 'workdir') == workdir))
-      steps = sorted(int(p.name) for p in (cwd / workdir / 'checkpoints').iterdir() if p.name.isdigit())
-      tokens = [t.replace('=N', f'={steps[-1]}') for t in tokens]
+      if (cwd / workdir / 'checkpoints').exists():  # Not a cross-validation run (its folds have them).
+        steps = sorted(int(p.name) for p in (cwd / workdir / 'checkpoints').iterdir() if p.name.isdigit())
+        tokens = [t.replace('=N', f'={steps[-1]}') for t in tokens]
     tokens = [t.strip('[]') for t in tokens]  # Optional parts included.
     if module is None and _flag(tokens, 'mode') != 'prepare':
       synthetic = _flag(tokens, 'config').endswith(':synthetic')
@@ -151,13 +152,22 @@ def _check_outputs(tokens: list[str], output: str, user: User) -> None:
   if module is None and _flag(tokens, 'mode') == 'prepare':
     prepared = user.home / 'tensorflow_datasets' / 'isic_skin_cancer' / '256px' / '1.0.0'
     assert (prepared / 'preparation_report.json').exists(), output[-2000:]
+  elif module is None and '--all_folds' in tokens:
+    for name in ('oof_predictions.csv', 'cv_report.md', 'cv_report.json', 'report.md', 'predictions.csv',
+                 'operating_point.json', 'ensemble.json'):
+      assert (workdir / name).exists(), f'{name} missing from {workdir}'
+    for fold in range(int(_flag(tokens, 'config.num_folds'))):
+      for name in workdir_outputs():
+        assert (workdir / f'fold_{fold}' / name).exists(), f'{name} missing from {workdir}/fold_{fold}'
+    assert f'CV report: {workdir / "cv_report.md"}' in output
   elif module is None:
     for name in workdir_outputs():
       assert (workdir / name).exists(), f'{name} missing from {workdir}'
     assert re.search(r'Test: test_loss=\S+ test_accuracy=', output)
     assert f'Report: {workdir / "report.md"}' in output  # Absolute: where it really went.
   elif module == 'melanoma_jax.evaluate':
-    out = workdir / 'evaluation' / f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}'
+    out = (cwd / _flag(tokens, 'output_dir') if _flag(tokens, 'output_dir') else
+           workdir / 'evaluation' / f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}')
     for name in ('report.md', 'report.json', 'predictions.csv', 'confusion_matrix.png', 'roc_curves.png',
                  'reliability.png'):
       assert (out / name).exists(), f'{name} missing from {out}'
