@@ -7,7 +7,7 @@ paths exactly as written. Allowed changes: size overrides appended to
 training commands (a tiny dataset, one epoch, 32 px, unless the command sets
 its own), optional `[...]` parts
 included with their placeholders filled in, and input files made under the
-names the README uses (PATH, ROOT, lesions/, extra.jpg, lesion.jpg). The
+names the README uses (PATH, ROOT, DOWNLOADS, lesions/, extra.jpg, lesion.jpg). The
 environment is a user's: no XLA flags, TensorFlow log level or glibc
 tunables of the test process. Each command must exit 0, leave the outputs the
 README says it leaves, and print none of TensorFlow's start-up banners.
@@ -27,6 +27,7 @@ from PIL import Image
 
 from melanoma_jax import runtime
 from melanoma_jax.datasets import ISIC_CLASSES, isic_skin_cancer
+import field_fixtures
 from test_real_builders import _tree
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,6 +110,8 @@ def sandbox(tmp_path_factory) -> pathlib.Path:
   image(cwd / 'lesions' / 'more' / 'b.PNG', (300, 280, 3))
   image(cwd / 'extra.jpg', (40, 40, 3))
   image(cwd / 'lesion.jpg', (90, 70, 3))
+  (cwd / 'lesions' / 'metadata.csv').write_text('image,age,sex,site\na,45,female,torso\n')
+  field_fixtures.write_downloads(cwd / 'DOWNLOADS')
   return cwd
 
 
