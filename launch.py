@@ -58,8 +58,9 @@ def main(argv: list[str]) -> None:
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
-      builder = input_pipeline.prepared_builder(FLAGS.config)
-      logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
+      for dataset in input_pipeline.combined_sources(FLAGS.config.dataset):
+        builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
+        logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       return
     if not workdir:
       raise app.UsageError('--workdir is required to train.')

@@ -323,8 +323,8 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
   temperature = calibration.fit(raw['val'].probs, raw['val'].labels, checkpoint)
   predictions = {name: dataclasses.replace(p, probs=calibration.scale(p.probs, temperature['temperature']))
                  for name, p in raw.items()}
-  attributes = {name: values for name, values in getattr(examples[split], 'extras', {}).items()
-                if name in subgroups.ATTRIBUTES}
+  extras = examples[split].extras
+  attributes = {name: extras[name] for name in datasets.METADATA_FEATURES if name in extras}
   result = evaluate_predictions(predictions, data.class_names, split, target_sensitivity,
                                 {**checkpoint, 'tta': tta}, attributes)
   m = melanoma_index(data.class_names)

@@ -15,8 +15,6 @@ import numpy as np
 
 from melanoma_jax import intervals
 
-# The per-example attributes reported on, as the dataset builders name them.
-ATTRIBUTES = ('sex', 'age', 'site')
 # Fewer melanomas (or fewer other lesions) than this in a subgroup: flagged.
 MIN_CASES = 5
 # Attributes given as ages in years, reported in these bands.

@@ -113,12 +113,6 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
     subgroups.subgroup_report({'sex': ['m', 'f', 'm']}, p, positive, threshold)
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithAttributes(input_pipeline.Examples):
-  """Examples as builders with patient metadata give them."""
-  extras: dict = dataclasses.field(default_factory=dict)
-
-
 def test_report_has_subgroups_when_the_examples_carry_attributes(tiny_config):
   state = train.build_state(tiny_config, 9, 0.9)
   rng = np.random.default_rng(5)
@@ -128,7 +122,7 @@ def test_report_has_subgroups_when_the_examples_carry_attributes(tiny_config):
                                   np.array([f'{i}.png' for i in range(n)]), np.array([''] * n))
   extras = {'age': rng.choice([-1, 25, 50, 80], n), 'sex': rng.choice(['female', 'male', ''], n),
             'source': np.zeros(n)}
-  test = _WithAttributes(*dataclasses.astuple(plain)[:4], extras)
+  test = dataclasses.replace(plain, extras=extras)
   names = tuple(f'c{c}' for c in range(8)) + ('melanoma',)
   checkpoint = {'step': 1, 'epoch': 1, 'selected_by': 'x'}
   full = evaluation.evaluate_checkpoint(state, input_pipeline.Data(plain, plain, test, names), 'test', 0.9, 8,
