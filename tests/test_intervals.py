@@ -121,13 +121,13 @@ def test_report_has_subgroups_when_the_examples_carry_attributes(tiny_config):
   plain = input_pipeline.Examples(rng.integers(0, 256, (n, 32, 32, 3), np.uint8), labels,
                                   np.array([f'{i}.png' for i in range(n)]), np.array([''] * n))
   extras = {'age': rng.choice([-1, 25, 50, 80], n), 'sex': rng.choice(['female', 'male', ''], n),
-            'source': np.zeros(n)}
+            'site': rng.choice(['torso', ''], n), 'source': np.zeros(n)}
   test = dataclasses.replace(plain, extras=extras)
   names = tuple(f'c{c}' for c in range(8)) + ('melanoma',)
   checkpoint = {'step': 1, 'epoch': 1, 'selected_by': 'x'}
   full = evaluation.evaluate_checkpoint(state, input_pipeline.Data(plain, plain, test, names), 'test', 0.9, 8,
                                         checkpoint).report
-  assert set(full['subgroups']) == {'age', 'sex'}
+  assert set(full['subgroups']) == {'age', 'sex', 'site'}
   assert sum(e['images'] for e in full['subgroups']['sex']) == n
   assert 'subgroups' not in evaluation.evaluate_checkpoint(
       state, input_pipeline.Data(plain, plain, plain, names), 'test', 0.9, 8, checkpoint).report
