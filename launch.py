@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
   from melanoma_jax import distributed, input_pipeline, train
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
-  from melanoma_jax.datasets import image_folders
+  from melanoma_jax import errors
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
@@ -51,9 +51,13 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
       raise app.UsageError('--workdir is required to train.')
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over)
-  except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
-          FloatingPointError) as e:
-    sys.exit(f'Error: {e}')
+  except (errors.UserError, FloatingPointError, OSError) as e:
+    message = errors.user_message(e)
+    if message is None:
+      raise
+    # The details for a bug report, not on the console (--verbosity=1 shows them).
+    logging.debug('Details:', exc_info=True)
+    sys.exit(f'Error: {message}')
 
 
 if __name__ == '__main__':

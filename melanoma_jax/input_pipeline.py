@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from melanoma_jax import datasets
+from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
 from melanoma_jax.datasets import image_folders
 
 # Importing the builder modules registers them with TFDS.
@@ -54,10 +55,6 @@ class Data:
   val: Examples
   test: Examples
   class_names: tuple[str, ...]
-
-
-class DataError(ValueError):
-  """A dataset that cannot be used as configured; the message says why."""
 
 
 def prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

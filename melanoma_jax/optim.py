@@ -20,9 +20,6 @@ import optax
 from optax.contrib import ReduceLROnPlateauState
 
 OptState = tuple[Any, ReduceLROnPlateauState]
-# With skip_nonfinite_steps, this many non-finite steps in a row are applied
-# anyway (making the loss non-finite), so the run stops instead of idling.
-MAX_CONSECUTIVE_NONFINITE = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +81,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> PlateauOptimizer:
   """Adam (or SGD) at `config.learning_rate`, with the plateau rule from `config.plateau`.
 
   With `config.plateau.enabled` False the training loop never calls
-  `end_epoch`, so the scale stays 1 and the learning rate constant. With
-  `config.skip_nonfinite_steps`, steps with a non-finite gradient change
-  nothing (`optax.apply_if_finite`).
+  `end_epoch`, so the scale stays 1 and the learning rate constant. Steps
+  with a non-finite gradient change nothing whatever the config
+  (`steps.train_step`), so the state's layout never depends on
+  `config.skip_nonfinite_steps`.
   """
   p = config.plateau
   if config.optimizer == 'adam':
@@ -95,8 +93,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> PlateauOptimizer:
     base = optax.sgd(config.learning_rate, momentum=config.momentum or None)
   else:
     raise ValueError(f"config.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}.")
-  if config.skip_nonfinite_steps:
-    base = optax.apply_if_finite(base, max_consecutive_errors=MAX_CONSECUTIVE_NONFINITE)
   return PlateauOptimizer(
       base=base,
       plateau=keras_plateau(config.learning_rate, p.factor, p.patience,

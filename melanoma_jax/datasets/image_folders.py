@@ -26,6 +26,7 @@ from PIL import ImageOps
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import lesion_features
+from melanoma_jax.errors import DatasetLayoutError, UnreadableImageError  # noqa: F401
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png')
 DEFAULT_IMAGE_SIZE = 256
@@ -48,14 +49,6 @@ _MODE_NAMES = {
 }
 # What PIL raises on corrupt, truncated or non-image files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class DatasetLayoutError(ValueError):
-  """The data on disk is not laid out as the builder expects."""
-
-
-class UnreadableImageError(ValueError):
-  """An image file cannot be decoded; preparation skips it."""
 
 
 @dataclasses.dataclass(frozen=True)
