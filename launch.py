@@ -6,8 +6,6 @@ Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -57,7 +55,7 @@ def main(argv: list[str]) -> None:
       raise
     # The details for a bug report, not on the console (--verbosity=1 shows them).
     logging.debug('Details:', exc_info=True)
-    sys.exit(f'Error: {message}')
+    errors.exit_with(message)
 
 
 if __name__ == '__main__':

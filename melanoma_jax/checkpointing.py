@@ -15,6 +15,7 @@ what differs.
 import json
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -260,6 +261,28 @@ def restore_latest(mngr: ocp.CheckpointManager, state: steps.TrainState,
         f'{epath.Path(workdir) / CONFIG_FILE}), or pass --start_over to move the old run aside and '
         'start anew.')
   return state, {}
+
+
+def restore_step(mngr: ocp.CheckpointManager, step: int, state_fn: Callable[[dict[str, Any]], Any]
+                 ) -> tuple[steps.TrainState, dict[str, Any]]:
+  """Checkpoint `step` for reading (inference, evaluation); `state_fn(meta)` gives its template.
+
+  Raises:
+    CheckpointUnreadableError, CheckpointMismatchError: naming the checkpoint
+      and the steps to choose from with --step.
+  """
+  others = f'kept steps: {sorted(mngr.all_steps())}; choose one with --step'
+  try:
+    state = state_fn(read_meta(mngr, step))
+    difference = layout_difference(mngr, step, state)
+    if difference is None:
+      return restore(mngr, step, state)
+  except Exception as error:  # pylint: disable=broad-except  # orbax and TensorStore raise many kinds
+    raise errors.CheckpointUnreadableError(
+        f'Checkpoint {step} in {mngr.directory} cannot be read ({type(error).__name__}: '
+        f'{str(error).split(" See full")[0][:200]}); {others}.') from error
+  raise errors.CheckpointMismatchError(
+      f'Checkpoint {step} in {mngr.directory} does not fit the run\'s config.json: {difference}; {others}.')
 
 
 def _move_aside(mngr: ocp.CheckpointManager, step: int, workdir: epath.PathLike,

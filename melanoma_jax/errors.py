@@ -6,6 +6,8 @@ Each message names what to change; nothing already saved is lost.
 """
 
 import errno
+import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -60,3 +62,13 @@ def user_message(error: BaseException) -> str | None:
               '(or use another --workdir) and rerun the same command to resume.')
     seen = seen.__cause__ or seen.__context__
   return None
+
+
+def exit_with(message: str) -> NoReturn:
+  """Exits 1 with `Error: message` as the console's last line.
+
+  Orbax leaves coroutines of a failed read or write behind; Python would
+  print each one's traceback at exit, after the message, so they are dropped.
+  """
+  sys.unraisablehook = lambda unraisable: None
+  raise SystemExit(f'Error: {message}')

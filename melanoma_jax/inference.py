@@ -59,7 +59,7 @@ _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
 
 def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
-    return None, 'no such file'
+    return None, 'not a regular file' if path.exists() else 'no such file'
   try:
     return image_folders.decode_image(path, image_size).pixels, None
   except image_folders.UnreadableImageError as e:
@@ -108,7 +108,11 @@ def _cell(value: Any) -> Any:
     return ''
   if isinstance(value, bool):
     return 'yes' if value else 'no'
-  return f'{value:.6f}' if isinstance(value, float) else value
+  if isinstance(value, float):
+    return f'{value:.6f}'
+  # A spreadsheet runs a cell starting with one of these as a formula (a file
+  # named '=HYPERLINK(...).jpg'); a leading quote makes it text.
+  return "'" + value if isinstance(value, str) and value[:1] in ('=', '+', '-', '@', '\t', '\r') else value
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
@@ -129,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--output', required=True, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--threshold', type=float, default=None,
+  parser.add_argument('--batch_size', type=cli.positive_int, default=32)
+  parser.add_argument('--threshold', type=cli.probability, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
   state, config, meta = cli.restore(args)

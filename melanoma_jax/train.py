@@ -103,10 +103,9 @@ def restore_for_inference(workdir: str, step: int | None = None
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f'No checkpoint {step if step is not None else ""} in {workdir}/checkpoints; '
                             f'kept steps: {list(manager.all_steps())}.')
-  meta = checkpointing.read_meta(manager, step)
-  outputs = num_outputs(config, len(meta['class_names']))
-  template = jax.eval_shape(lambda: build_state(config, outputs, config.model.bn_momentum or 0.99))
-  state, meta = checkpointing.restore(manager, step, template)
+  template = lambda meta: jax.eval_shape(lambda: build_state(
+      config, num_outputs(config, len(meta['class_names'])), config.model.bn_momentum or 0.99))
+  state, meta = checkpointing.restore_step(manager, step, template)
   manager.close()
   return state, config, meta
 
