@@ -122,17 +122,19 @@ def _log_progress(epoch: int, i: int, epoch_steps: int, config: ml_collections.C
                time.strftime('%H:%M:%S', time.gmtime(remaining / images_per_sec)))
 
 
-def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int,
-                  manager: Any, workdir: epath.Path, skip: bool, epoch_end: bool = False) -> None:
+def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int, window_bad: int,
+                  manager: Any, workdir: epath.Path, skip: bool, epoch_end: bool = False) -> int:
   """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint.
 
-  Skipping (`skip`) stops too once skipping cannot help: when every step of
-  the epoch so far, at least MAX_NONFINITE_TO_SKIP or the whole epoch, was
-  non-finite.
+  Skipping (`skip`) stops too once skipping cannot help: when every step
+  since the last check (`window_start`, when `window_bad` steps of the epoch
+  were non-finite) was non-finite and the epoch has had MAX_NONFINITE_TO_SKIP
+  of them, or at the epoch's end when all its steps were. Returns the
+  epoch's count of non-finite steps.
   """
   bad, steps_done = (int(x) for x in jax.device_get(total['nonfinite']))
   if not bad:
-    return
+    return bad
   latest = manager.latest_step()
   saved = (f'nothing after the last good checkpoint was saved: step {latest} in {workdir / "checkpoints"}'
            if latest is not None else 'no checkpoint was saved yet, so a rerun starts from the beginning')
@@ -141,11 +143,14 @@ def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int,
         f'Non-finite loss or gradient in {bad} step(s) between steps {window_start + 1} and '
         f'{step}; {saved}. Lower config.learning_rate and rerun to resume, or set '
         'config.skip_nonfinite_steps=True to skip such steps.')
-  if bad == steps_done and (steps_done >= MAX_NONFINITE_TO_SKIP or epoch_end):
+  window_all_bad = bad - window_bad == step - window_start
+  if (window_all_bad and bad >= MAX_NONFINITE_TO_SKIP) or (epoch_end and bad == steps_done):
     raise FloatingPointError(
-        f'All {bad} steps of this epoch up to step {step} had a non-finite loss or gradient, so '
-        f'skipping them cannot get past it; {saved}. Lower config.learning_rate and rerun to resume.')
+        f'Every step from {window_start + 1} to {step} had a non-finite loss or gradient ({bad} this '
+        f'epoch), so skipping them cannot get past it; {saved}. Lower config.learning_rate and '
+        'rerun to resume.')
   logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
+  return bad
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -210,6 +215,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
       total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
       window_start, window_step = epoch_start, offset
+      window_bad = int(total['nonfinite'][0]) if total else 0
       batches = input_pipeline.train_batches(data.train, config, num_classes, epoch, epoch_steps, offset)
       # Exactly the epoch's batches: asking the stream for one more would
       # wait for tf.data to discover its end (seconds, in the first epoch).
@@ -218,14 +224,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         total = metrics_lib.accumulate(total, step_metrics)
         step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
         if i % config.log_every_steps == 0 or i == epoch_steps:
-          _check_finite(total, step, step - (i - window_step), manager, workdir,
-                        config.skip_nonfinite_steps, epoch_end=i == epoch_steps)
+          window_bad = _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
+                                     config.skip_nonfinite_steps, epoch_end=i == epoch_steps)
           now = time.perf_counter()
           _log_progress(epoch, i, epoch_steps, config, (i - window_step) * config.batch_size / (now - window_start))
           window_start, window_step = now, i
         if i < epoch_steps and (preempted(step) or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
-          _check_finite(total, step, step - (i - window_step), manager, workdir,
+          _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
                         config.skip_nonfinite_steps)
           checkpointing.save(manager, state, checkpoint_meta(
               epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total), history=history))
@@ -240,6 +246,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       train_seconds = time.perf_counter() - epoch_start
       val = evaluation.gather_predictions(state, data.val, config.batch_size)
       row.update(val.summary('val'))
+      if not np.isfinite(row['val_loss']):
+        raise FloatingPointError(
+            f'The validation loss after epoch {epoch} is {row["val_loss"]}: the parameters diverged, '
+            f'so the epoch is not saved (last checkpoint: step {manager.latest_step()}). Lower '
+            'config.learning_rate and rerun to resume.')
       row.update(_clinical_summary(val, data.class_names))
       epoch_seconds = time.perf_counter() - epoch_start
       # Training throughput; validation time is the difference of the two.
