@@ -36,14 +36,20 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import distributed, input_pipeline, train
+  from melanoma_jax import distributed, input_pipeline, preemption, train
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   from melanoma_jax import errors
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
-      builder = input_pipeline.prepared_builder(FLAGS.config)
+      try:
+        # TFDS removes its half-written folder when Stopped unwinds through it.
+        with preemption.stop_on_sigterm():
+          builder = input_pipeline.prepared_builder(FLAGS.config)
+      except preemption.Stopped:
+        logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
+        return
       logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       return
     if not FLAGS.workdir:

@@ -26,8 +26,9 @@ from melanoma_jax import (checkpointing, config_checks, distributed, evaluation,
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
-# With config.skip_nonfinite_steps, an epoch whose first this-many steps (or
-# all of a shorter epoch) are non-finite stops the run: skipping cannot help.
+# With config.skip_nonfinite_steps, the run stops once an epoch has had this
+# many non-finite steps and none finite since the last check: skipping cannot
+# help parameters that make every batch non-finite.
 MAX_NONFINITE_TO_SKIP = 20
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
