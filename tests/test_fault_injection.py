@@ -138,14 +138,6 @@ def test_kill_at_an_epoch_end_resumes_to_the_uninterrupted_run(reference, tiny_c
   _assert_same_run(tmp_path, ref_dir, result, ref_result)
 
 
-def test_final_evaluation_needs_no_history_file(reference, tiny_config, tmp_path):
-  ref_dir, ref_result = reference
-  workdir = _copy(ref_dir, tmp_path)
-  (workdir / 'history.jsonl').write_text('')  # lost, or from before this fix
-  result = train.train_and_evaluate(_config(tiny_config), str(workdir))
-  _assert_same_run(workdir, ref_dir, result, ref_result)
-
-
 # --- 3. One run per workdir -----------------------------------------------------------------
 
 _HOLD = ('import sys, time\n'
