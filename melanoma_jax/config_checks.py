@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from melanoma_jax.errors import ConfigError
 
@@ -89,7 +90,9 @@ def training_memory_bytes(config: ml_collections.ConfigDict, state_fn: Callable[
   `state_fn` builds the train state; it is only traced (`jax.eval_shape`).
   """
   state = jax.eval_shape(state_fn)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = {'params': state.params}
+  if state.batch_stats:  # models without BatchNorm have none
+    variables['batch_stats'] = state.batch_stats
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), 'uint8')
   _, captured = jax.eval_shape(lambda v, x: state.model.apply(
       v, x, train=False, capture_intermediates=True, mutable=['intermediates']), variables, image)
@@ -104,7 +107,11 @@ def check_memory(config: ml_collections.ConfigDict, state_fn: Callable[[], Any])
   available, where = available_memory_bytes()
   if not available:
     return
-  state_bytes, activations, per_device = training_memory_bytes(config, state_fn)
+  try:
+    state_bytes, activations, per_device = training_memory_bytes(config, state_fn)
+  except Exception as error:  # pylint: disable=broad-except  # an estimate must never block a run
+    logging.warning('Could not estimate the memory training needs (%s: %s).', type(error).__name__, error)
+    return
   # CPU "devices" share the host's memory.
   needed = per_device * (jax.local_device_count() if where == 'this machine' else 1)
   if needed > available:
