@@ -1,10 +1,14 @@
 """Entry point: `python launch.py --config=configs/balanced.py:synthetic --workdir=runs/x`.
 
 `--mode=prepare` only prepares the dataset (training does it on first use).
+`--config.num_folds=K --all_folds` trains every fold of a K-fold
+cross-validation into WORKDIR/fold_i/ (`melanoma_jax.cross_validation`).
 
 Any config field can be overridden (`--config.num_epochs=5`); unknown fields
 are refused. Rerunning the same command on the same workdir resumes.
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,11 +18,15 @@ from melanoma_jax import runtime
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go.')
+flags.DEFINE_string('workdir', None, 'Where checkpoints, history, curves and TensorBoard logs go; '
+                    'relative to the current directory, or a gs:// path.')
 flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
                   'train (preparing the dataset first if needed), or only prepare the dataset.')
 flags.DEFINE_bool('start_over', False, 'Move a previous run in --workdir aside (to previous_runs/) '
                   'instead of resuming it; needed when the model or data changed.')
+flags.DEFINE_bool('all_folds', False, 'Cross-validation: train every fold of --config.num_folds into '
+                  'WORKDIR/fold_i/ (finished folds skipped), then write out-of-fold predictions, '
+                  'the fold ensemble\'s report and cv_report.md.')
 flags.DEFINE_bool('distributed', False, 'Multi-host: join the other processes, found automatically '
                   'on Cloud TPU VMs and under SLURM.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host, explicit: host:port of process 0.')
@@ -30,16 +38,22 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax logs every checkpoint I/O step at INFO; keep the console for progress.
+  # The console is for our progress: libraries' INFO lines (TFDS, JAX) stay out, and
+  # orbax's lines (every checkpoint I/O step, how long a save waited) altogether.
+  logging.get_absl_handler().addFilter(
+      runtime.show_info_only_from(os.path.dirname(runtime.__file__), __file__))
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import distributed, input_pipeline, preemption, train
+  from melanoma_jax import (cli, cross_validation, distributed, ensemble, errors, input_pipeline,
+                            preemption, train)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
-  from melanoma_jax import errors
+  # Paths relative to the current directory, or with ~, become absolute here, once.
+  cli.resolve_config_paths(FLAGS.config)
+  workdir = cli.user_path(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
@@ -52,11 +66,14 @@ def main(argv: list[str]) -> None:
         return
       logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       return
-    if not FLAGS.workdir:
+    if not workdir:
       raise app.UsageError('--workdir is required to train.')
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over)
-  except (errors.UserError, FloatingPointError, OSError) as e:
-    message = errors.user_message(e)
+    if FLAGS.all_folds:
+      cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
+    else:
+      train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
+  except (errors.UserError, ensemble.EnsembleError, FloatingPointError, OSError) as e:
+    message = str(e) if isinstance(e, ensemble.EnsembleError) else errors.user_message(e)
     if message is None:
       raise
     # The details for a bug report, not on the console (--verbosity=1 shows them).

@@ -1,11 +1,16 @@
-"""Training throughput of the seed model: ours against Keras, in one invocation.
+"""Training throughput of a model: ours against Keras, in one invocation.
 
-  python benchmarks/train_throughput.py                 # 180x180, batch 32
+  python benchmarks/train_throughput.py                 # seed_cnn, 180x180, batch 32
   python benchmarks/train_throughput.py --image_size=64 --windows=3   # quick
+  python benchmarks/train_throughput.py --model=resnet50 --image_size=224
+  python benchmarks/train_throughput.py --model=efficientnet_b0 --image_size=224
 
 Contenders:
   step   our jitted `steps.train_step` on one fixed device batch;
-  keras  the same model in Keras/TensorFlow (`train_on_batch` on the same batch);
+  keras  the same model in Keras/TensorFlow (`train_on_batch` on the same batch):
+         the seed model's layer table, or the `keras.applications` model of
+         the same architecture (`weights=None`); skipped for models Keras
+         lacks (ResNet-18/34, ViT);
   loop   our full training loop, as users run it (`launch.py` on the synthetic
          dataset, in a child process): its epochs run once, between the first
          and second half of the step/keras windows. Its images/sec are its
@@ -43,12 +48,13 @@ from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-im
 
 def _parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='seed_cnn', help='a name in melanoma_jax.models.MODELS')
   parser.add_argument('--image_size', type=int, default=180)
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--num_classes', type=int, default=9)
   parser.add_argument('--windows', type=int, default=5, help='timed windows per contender')
   parser.add_argument('--steps_per_window', type=int, default=3)
-  parser.add_argument('--conv_impl', default='auto', help="SeedCNN.conv_impl, e.g. 'native'")
+  parser.add_argument('--conv_impl', default='auto', help="seed_cnn only: its conv_impl, e.g. 'native'")
   parser.add_argument('--settle_s', type=float, default=2.0,
                       help='idle seconds before each window, so the previous contender\'s threads wind down')
   parser.add_argument('--loop_epochs', type=int, default=3, help='0 skips the loop')
@@ -67,9 +73,12 @@ def _jax_step(args, images, labels) -> Callable[[], None]:
   """Our bare train step; each call runs one step and waits for it."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
   from melanoma_jax import models, optim, steps  # pylint: disable=g-import-not-at-top
 
-  model = models.SeedCNN(args.num_classes, conv_impl=args.conv_impl)
+  model_config = default.get_config('synthetic').model  # as the loop's
+  model_config.name, model_config.conv_impl = args.model, args.conv_impl
+  model = models.build(model_config, args.num_classes)
   tx = optim.PlateauOptimizer(optax.adam(1e-3), optim.keras_plateau(1e-3, 0.5, 3, 1e-4, 0, 1e-5),
                               1e-3)
   state = steps.create_train_state(jax.random.key(0), model, tx, images.shape[1:])
@@ -84,13 +93,10 @@ def _jax_step(args, images, labels) -> Callable[[], None]:
   return run
 
 
-def _keras_step(args, images, labels) -> Callable[[], None]:
-  """The Keras seed model (shared/REFERENCE.md's layer table), same batch and optimizer."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+def _keras_seed_cnn(keras, input_shape, num_classes):
+  """The Keras seed model (shared/REFERENCE.md's layer table)."""
   layers = keras.layers
-  model = keras.Sequential([
+  return keras.Sequential([
       keras.Input(images.shape[1:]),
       layers.Rescaling(1 / 255),
       layers.Conv2D(32, 3, activation='relu'),
@@ -105,8 +111,27 @@ def _keras_step(args, images, labels) -> Callable[[], None]:
       layers.Flatten(),
       layers.Dense(512, activation='relu'),
       layers.Dropout(0.5),
-      layers.Dense(args.num_classes),
+      layers.Dense(num_classes),
   ])
+
+
+# Our model name -> its Keras counterpart (keras, input shape, classes) -> keras.Model.
+# keras.applications' ResNet50 is v1 (stride in the first 1x1 convolution of a
+# block, ours in the 3x3 as torchvision's): the same layers and parameter count.
+_KERAS_MODELS = {
+    'seed_cnn': _keras_seed_cnn,
+    'resnet50': lambda keras, shape, n: keras.applications.ResNet50(weights=None, input_shape=shape, classes=n),
+    'efficientnet_b0': lambda keras, shape, n: keras.applications.EfficientNetB0(
+        weights=None, input_shape=shape, classes=n, classifier_activation=None),
+}
+
+
+def _keras_step(args, images, labels) -> Callable[[], None]:
+  """The Keras counterpart of the model, same batch and optimizer."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  model = _KERAS_MODELS[args.model](keras, images.shape[1:], args.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=['accuracy'],
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   x, y = tf.constant(images, tf.float32), tf.constant(labels)
@@ -124,7 +149,8 @@ def _run_loop(args) -> dict[str, float]:
 
   with tempfile.TemporaryDirectory() as workdir, open(os.path.join(workdir, 'log'), 'w+') as log:
     command = [sys.executable, 'launch.py', '--config=configs/default.py:synthetic',
-               f'--config.image_size={args.image_size}', f'--config.batch_size={args.batch_size}',
+               f'--config.model.name={args.model}', f'--config.image_size={args.image_size}',
+               f'--config.batch_size={args.batch_size}',
                f'--config.num_epochs={args.loop_epochs}', f'--config.model.conv_impl={args.conv_impl}',
                f'--workdir={os.path.join(workdir, "run")}']
     start = time.perf_counter()
@@ -197,15 +223,19 @@ def main() -> None:
     runtime.configure(reexec=True)
   import jax  # pylint: disable=g-import-not-at-top
 
-  from melanoma_jax import layers  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import seed_cnn_lowering as lowering_lib  # pylint: disable=g-import-not-at-top
 
+  lowering = (f'conv_impl={args.conv_impl} ({lowering_lib.resolve(args.conv_impl)}); '
+              if args.model == 'seed_cnn' else '')
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
-        f'{os.cpu_count()} CPUs; {args.image_size}x{args.image_size}, batch {args.batch_size}, '
-        f'conv_impl={args.conv_impl} ({layers.resolve(args.conv_impl)}); '
-        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
+        f'{os.cpu_count()} CPUs; {args.model} {args.image_size}x{args.image_size}, batch {args.batch_size}, '
+        f'{lowering}XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
         flush=True)
   contenders = {}
-  for name in ('step',) if args.no_keras else ('step', 'keras'):
+  with_keras = not args.no_keras and args.model in _KERAS_MODELS
+  if not args.no_keras and not with_keras:
+    print(f'keras: skipped (keras.applications has no {args.model})', flush=True)
+  for name in ('step', 'keras') if with_keras else ('step',):
     contenders[name] = _Contender(name, sys.argv[1:])
     print(f'{name}: time to first step {contenders[name].first_step_s:.1f} s (process start, '
           f'build, compile, one step), peak RSS {contenders[name].peak_rss_gib:.2f} GiB', flush=True)

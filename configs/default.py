@@ -31,6 +31,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
   config.val_fraction = 0.2
+  # Grouped, stratified k-fold cross-validation: with num_folds=K (>= 2),
+  # validation is fold `fold` (0..K-1) of Train instead of val_fraction of
+  # it; `launch.py --all_folds` trains every fold. 0: no folds.
+  config.num_folds = 0
+  config.fold = 0
   config.balance_classes = False
 
   config.augment = ml_collections.ConfigDict()
@@ -43,12 +48,19 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.augment.saturation = 0.1      # factor in [1 - x, 1 + x]
   config.augment.hue = 0.02            # +- fraction of the hue circle
 
+  # The model: a name in melanoma_jax.models.MODELS, the fields every model
+  # reads (num_outputs, dropout_rate, bn_momentum, dtype, init_from) and the
+  # fields of particular models (conv_impl: seed_cnn's).
   config.model = ml_collections.ConfigDict()
   config.model.name = 'seed_cnn'
+  # A weight file to start from (head replaced for the dataset's classes),
+  # e.g. a timm ResNet .safetensors; resuming a checkpoint wins over it.
+  config.model.init_from = config_dict.placeholder(str)
   config.model.num_outputs = config_dict.placeholder(int)  # None: from task
   config.model.dropout_rate = 0.5
-  # None: derived from steps per epoch so evaluation statistics track the
-  # weights (see train.derive_bn_momentum); Keras' default would be 0.99.
+  # None: the model's own choice; seed_cnn derives it from steps per epoch so
+  # evaluation statistics track the weights (models.seed_cnn.derive_bn_momentum;
+  # Keras' default would be 0.99).
   config.model.bn_momentum = config_dict.placeholder(float)
   # How convolutions and poolings are lowered: 'auto' picks the fastest for
   # the platform; 'native', 'padded' and 'mixed' compute the same function
@@ -61,10 +73,32 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # Optimisation. batch_size is global: split evenly over all devices.
   config.batch_size = 32
   config.num_epochs = 20
-  config.optimizer = 'adam'  # or 'sgd' (with config.momentum)
+  config.optimizer = 'adam'  # or 'adamw' (with weight_decay), 'sgd' (with momentum)
   config.learning_rate = 1e-3
   config.momentum = 0.9  # sgd only
+  config.weight_decay = 0.0  # adamw only; not on biases and normalisation scales
   config.seed = 123
+
+  # Learning rate by step: 'constant', or 'warmup_cosine' (linear warmup from
+  # 0 over warmup_epochs, then cosine decay to final_fraction x the rate).
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = 'constant'
+  config.schedule.warmup_epochs = 0.0
+  config.schedule.final_fraction = 0.0
+
+  # Everything but the head: lr_multiplier x the learning rate, and none for
+  # the first frozen_epochs (fine-tuning a pretrained model).
+  config.backbone = ml_collections.ConfigDict()
+  config.backbone.lr_multiplier = 1.0
+  config.backbone.frozen_epochs = 0
+
+  # Training loss: 'cross_entropy', 'weighted_cross_entropy' (inverse class
+  # frequency of the training split) or 'focal' (focal_gamma). Validation and
+  # Test losses are always plain cross-entropy.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = 'cross_entropy'
+  config.loss.label_smoothing = 0.0
+  config.loss.focal_gamma = 2.0
 
   # Keras ReduceLROnPlateau(monitor='val_loss') semantics, once per epoch.
   config.plateau = ml_collections.ConfigDict()

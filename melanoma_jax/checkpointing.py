@@ -98,9 +98,21 @@ def restore(mngr: ocp.CheckpointManager, step: int,
   """
   replicated = NamedSharding(_global_mesh(), P())
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-  local = multihost_utils.global_array_to_host_local_array(restored.state, _global_mesh(), P())
+  restore_args = lambda tree: ocp.args.Composite(state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore())
+  try:
+    restored = mngr.restore(step, args=restore_args(template))
+    global_state = restored.state
+  except ValueError:
+    if set(state.model_state) != {'batch_stats'}:
+      raise
+    # Checkpoints written before the generic `model_state` kept BatchNorm
+    # statistics in a `batch_stats` field of the state.
+    fields = ('step', 'params', 'opt_state', 'rng')
+    legacy = {**{f: getattr(template, f) for f in fields}, 'batch_stats': template.model_state['batch_stats']}
+    restored = mngr.restore(step, args=restore_args(legacy))
+    global_state = template.replace(**{f: restored.state[f] for f in fields},
+                                    model_state={'batch_stats': restored.state['batch_stats']})
+  local = multihost_utils.global_array_to_host_local_array(global_state, _global_mesh(), P())
   return local, restored.meta
 
 
@@ -130,6 +142,10 @@ def layout_difference(mngr: ocp.CheckpointManager, step: int, state: steps.Train
   on_disk = _shapes(ocp.StandardCheckpointHandler().metadata(
       epath.Path(mngr.directory) / str(step) / 'state').tree)
   configured = _shapes(ocp.tree.serialize_tree(state, keep_empty_nodes=True))
+  # Checkpoints written before the generic `model_state` kept BatchNorm
+  # statistics in a `batch_stats` field; `restore` reads them as they are.
+  legacy = 'batch_stats/'
+  on_disk = {('model_state/' + k if k.startswith(legacy) else k): v for k, v in on_disk.items()}
   only_saved = sorted(on_disk.keys() - configured.keys())
   only_configured = sorted(configured.keys() - on_disk.keys())
   reshaped = [f'{k} is {on_disk[k][1]}{list(on_disk[k][0])} in the checkpoint but '
@@ -169,7 +185,8 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
 # it is refused while the workdir holds checkpoints.
 FREE_TO_CHANGE = ('num_epochs', 'data_dir', 'manual_dir', 'learning_rate', 'log_every_steps',
                   'checkpoints_to_keep', 'checkpoint_every_steps', 'skip_nonfinite_steps',
-                  'target_sensitivity', 'model.conv_impl', 'model.dtype')
+                  'target_sensitivity', 'model.conv_impl', 'model.dtype',
+                  'model.init_from')  # only read when there is no checkpoint yet
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

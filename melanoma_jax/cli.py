@@ -1,11 +1,36 @@
-"""What the commands that use a trained run share: its flags and its restore."""
+"""What the command-line tools share: users' paths, and a trained run's flags and restore."""
 
 import argparse
+import os
+import re
 from typing import Any
 
 import ml_collections
 
 from melanoma_jax import steps
+
+# Config fields that name files or folders the user gives.
+CONFIG_PATHS = ('data_dir', 'manual_dir', 'groups_csv')
+_URI = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def user_path(path: str | None) -> str | None:
+  """A path as the user typed it, made absolute: `~` expanded, relative to the current directory.
+
+  Resolved once, where it enters, so the run records where it really is:
+  orbax refuses relative checkpoint paths, and a rerun from another
+  directory must name the same files. URIs (gs://bucket/...) stay as they are.
+  """
+  if path is None or _URI.match(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_config_paths(config: ml_collections.ConfigDict) -> None:
+  """`user_path` on the config's path fields (data_dir, manual_dir, groups_csv), in place."""
+  for field in CONFIG_PATHS:
+    if config.get(field):
+      config[field] = user_path(config[field])
 
 
 def probability(text: str) -> float:
@@ -24,10 +49,15 @@ def positive_int(text: str) -> int:
   return value
 
 
-def run_parser(doc: str) -> argparse.ArgumentParser:
-  """A parser with --workdir (the run) and --step (its checkpoint); `doc` is the help."""
+def run_parser(doc: str, several: bool = False) -> argparse.ArgumentParser:
+  """A parser with --workdir (the run; `several`: one or more) and --step; `doc` is the help."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='The training run (launch.py --workdir).')
+  if several:
+    parser.add_argument('--workdir', required=True, nargs='+', metavar='WORKDIR', type=user_path,
+                        help='The training run (launch.py --workdir); several, or a cross-validation '
+                        'run (launch.py --all_folds), make an ensemble.')
+  else:
+    parser.add_argument('--workdir', required=True, type=user_path, help='The training run (launch.py --workdir).')
   parser.add_argument('--step', type=int, default=None,
                       help='Checkpoint step; default: the best by validation loss.')
   return parser
@@ -38,9 +68,16 @@ def restore(args: argparse.Namespace) -> tuple[steps.TrainState, ml_collections.
   # TensorFlow only decodes data here: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from melanoma_jax import train  # pylint: disable=g-import-not-at-top
-  from melanoma_jax import errors  # pylint: disable=g-import-not-at-top
+  from melanoma_jax import errors, train  # pylint: disable=g-import-not-at-top
   try:
     return train.restore_for_inference(args.workdir, args.step)
   except (FileNotFoundError, errors.UserError) as e:
     errors.exit_with(str(e))
+
+
+def stored_image_size(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> int:
+  """The side the run's dataset stored images at, which files are decoded to before resizing.
+
+  Runs from before it was recorded decode files straight to `image_size`.
+  """
+  return meta.get('stored_image_size') or config.image_size

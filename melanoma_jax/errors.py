@@ -26,10 +26,6 @@ class DatasetLayoutError(UserError, ValueError):
   """The data on disk is not laid out as the builder expects."""
 
 
-class UnreadableImageError(ValueError):
-  """An image file cannot be decoded; preparation skips it (not fatal, so no UserError)."""
-
-
 class WorkdirBusyError(UserError):
   """Another live process holds the workdir's lock."""
 

@@ -13,7 +13,9 @@ or hosts ran the model. Undefined values (0/0, a class absent from the labels)
 are NaN here and null in JSON.
 """
 
+import csv
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -34,18 +36,22 @@ CALIBRATION_BINNING = (
     '(outcome: prediction correct); melanoma ECE bins p(melanoma) (outcome: is melanoma).')
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
+PREDICTIONS_CSV = 'predictions.csv'
 OPERATING_POINT_FILE = 'operating_point.json'
 SPLIT_TITLES = {'train': 'train', 'val': 'validation', 'test': 'Test'}
 
-_p_predict_with_loss = jax.pmap(steps.predict_with_loss, in_axes=(None, 0))
+# Keyed by test-time augmentation (the 8 dihedral views averaged).
+_P_PREDICT_WITH_LOSS = {False: jax.pmap(steps.predict_with_loss, in_axes=(None, 0)),
+                        True: jax.pmap(steps.predict_with_loss_tta, in_axes=(None, 0))}
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-  """A split's class probabilities [N, C], labels [N] and per-example losses [N], in its order."""
+  """A split's class probabilities [N, C], labels [N], per-example losses [N] and files, in its order."""
   probs: np.ndarray
   labels: np.ndarray
   losses: np.ndarray
+  file_names: np.ndarray | None = None
 
   def summary(self, prefix: str) -> dict[str, Any]:
     """Loss, accuracy, balanced accuracy, recall per class and confusion, as the training history keys them."""
@@ -59,8 +65,8 @@ class Predictions:
 
 
 def gather_predictions(state: steps.TrainState, examples: input_pipeline.Examples,
-                       batch_size: int) -> Predictions:
-  """A split's predictions, in its order, on every host.
+                       batch_size: int, tta: bool = False) -> Predictions:
+  """A split's predictions, in its order, on every host; `tta` averages the 8 dihedral views.
 
   `batch_size` is global, as for `input_pipeline.eval_batches`. Host p holds
   examples p, p + hosts, ... (`input_pipeline.host_shard`): the shares are
@@ -68,7 +74,7 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
   """
   local = {'probs': [], 'losses': [], 'labels': [], 'mask': []}
   for batch in input_pipeline.eval_batches(examples, batch_size):
-    probs, losses = _p_predict_with_loss(state, batch)
+    probs, losses = _P_PREDICT_WITH_LOSS[tta](state, batch)
     local['probs'].append(probs)
     local['losses'].append(losses)
     local['labels'].append(batch['label'])
@@ -80,7 +86,7 @@ def gather_predictions(state: steps.TrainState, examples: input_pipeline.Example
   ordered = {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
   keep = ordered['mask'].astype(bool)
   return Predictions(ordered['probs'][keep], ordered['labels'][keep].astype(np.int32),
-                     ordered['losses'][keep])
+                     ordered['losses'][keep], examples.file_names)
 
 
 def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
@@ -273,16 +279,23 @@ class Evaluation:
 
 def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, split: str,
                         target_sensitivity: float, batch_size: int,
-                        checkpoint: dict[str, Any]) -> Evaluation:
+                        checkpoint: dict[str, Any], tta: bool = False) -> Evaluation:
   """Reports on validation and `split`, at a melanoma threshold chosen on validation.
 
   `checkpoint` (step, epoch, how it was selected) is recorded in the report
-  and the operating point.
+  and the operating point; `tta` averages the 8 dihedral views of each image.
   """
   examples = {'train': data.train, 'val': data.val, 'test': data.test}
-  predictions = {name: gather_predictions(state, examples[name], batch_size)
+  predictions = {name: gather_predictions(state, examples[name], batch_size, tta)
                  for name in dict.fromkeys(('val', split))}
-  m = melanoma_index(data.class_names)
+  return evaluate_predictions(predictions, data.class_names, split, target_sensitivity,
+                              {**checkpoint, 'tta': tta})
+
+
+def evaluate_predictions(predictions: dict[str, Predictions], class_names: Sequence[str], split: str,
+                         target_sensitivity: float, checkpoint: dict[str, Any]) -> Evaluation:
+  """The report of `predictions` ({'val': .., split: ..}) of one model or an ensemble."""
+  m = melanoma_index(class_names)
   operating_point = None
   if m is not None and np.any(predictions['val'].labels == m):
     probs, labels = predictions['val'].probs, predictions['val'].labels
@@ -297,10 +310,10 @@ def evaluate_checkpoint(state: steps.TrainState, data: input_pipeline.Data, spli
   full = {
       'checkpoint': checkpoint,
       'split': split,
-      'class_names': list(data.class_names),
+      'class_names': list(class_names),
       'operating_point': operating_point,
       'calibration_binning': CALIBRATION_BINNING,
-      'splits': {name: report(p.probs, p.labels, data.class_names, threshold)
+      'splits': {name: report(p.probs, p.labels, class_names, threshold)
                  for name, p in predictions.items()},
   }
   return Evaluation(full, predictions[split])
@@ -342,6 +355,25 @@ def headline(full: dict[str, Any]) -> str:
   return line
 
 
+def _models_lines(checkpoint: dict[str, Any]) -> list[str]:
+  """What was evaluated: a checkpoint, or an ensemble's members; and test-time augmentation."""
+  if 'members' in checkpoint:
+    lines = [f'Ensemble of {len(checkpoint["members"])} models ({checkpoint["combine"]}), threshold '
+             f'chosen on {checkpoint["selected_by"]}:', '',
+             *(f'- {member}' for member in checkpoint['members'])]
+    if checkpoint['combine'] == 'rank':
+      lines += ['', 'Scores are averaged ranks (quantiles among each model\'s validation scores), not '
+                'probabilities: the predicted class is the one the image ranks highest in, and the '
+                'calibration figures (ECE, reliability) do not apply.']
+  else:
+    lines = [f'Checkpoint: step {checkpoint["step"]}, epoch {checkpoint["epoch"]} '
+             f'({checkpoint["selected_by"]}).']
+  if checkpoint.get('tta'):
+    lines += ['', 'Test-time augmentation: probabilities averaged over the 8 dihedral views '
+              '(4 rotations, each also flipped) of every image, validation included.']
+  return lines + ['']
+
+
 def to_markdown(full: dict[str, Any]) -> str:
   """report.md: the melanoma alert first, then overall, per-class and confusion tables."""
   splits = full['splits']
@@ -349,15 +381,13 @@ def to_markdown(full: dict[str, Any]) -> str:
   header = ['', *(f'{SPLIT_TITLES[n]} ({splits[n]["num_examples"]} images)' for n in names)]
   evaluated = splits[full['split']]
   checkpoint = full['checkpoint']
-  lines = [f'# Evaluation on {SPLIT_TITLES[full["split"]]}', '',
-           f'Checkpoint: step {checkpoint["step"]}, epoch {checkpoint["epoch"]} '
-           f'({checkpoint["selected_by"]}).', '']
+  lines = [f'# Evaluation on {SPLIT_TITLES[full["split"]]}', '', *_models_lines(checkpoint)]
   op = full['operating_point']
   if op is None:
     lines += ['No melanoma alert: the classes have no melanoma, or validation none.', '']
   else:
     lines += ['## Melanoma alert (melanoma vs rest)', '',
-              f'Alert when p(melanoma) >= **{op["threshold"]:.4f}**, chosen on validation as the highest '
+              f'Alert when p(melanoma) >= **{op["threshold"]:.4f}**, chosen on {op["chosen_on"]} as the highest '
               f'threshold with sensitivity >= {op["target_sensitivity"]:.2f}.', '']
     lines += _table(header, [(title, *(splits[n]['melanoma'][key] for n in names))
                              for title, key in _MELANOMA_ROWS]) + ['']
@@ -377,8 +407,54 @@ def to_markdown(full: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def csv_cell(value: Any) -> Any:
+  """A prediction CSV's cell: '' for none, yes/no for a flag, 6 decimals for a probability.
+
+  Text that a spreadsheet would run as a formula (a file named
+  '=HYPERLINK(...).jpg') gets a leading quote, which makes it text.
+  """
+  if value is None:
+    return ''
+  if isinstance(value, bool):
+    return 'yes' if value else 'no'
+  if isinstance(value, float):
+    return f'{value:.6f}'
+  return "'" + value if isinstance(value, str) and value[:1] in ('=', '+', '-', '@', '\t', '\r') else value
+
+
+def write_csv(path: epath.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+  """`rows` (dicts keyed by `columns`) as CSV cells, to a local or remote file."""
+  text = io.StringIO(newline='')  # epath's `open` takes no `newline=''`, which csv needs.
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({c: csv_cell(row[c]) for c in columns})
+  epath.Path(path).write_text(text.getvalue())
+
+
+def write_predictions_csv(path: epath.PathLike, file_names: Sequence[str], labels: Sequence[int],
+                          probs: np.ndarray, class_names: Sequence[str]) -> None:
+  """One row per example: file, label, predicted_class, melanoma_probability, p_<class>...
+
+  The columns are named as in `melanoma_jax.inference`'s CSV, so predictions
+  of a split and of image files join and average directly. `labels` are
+  class indices and are written as class names; melanoma_probability is
+  empty without a melanoma class.
+  """
+  probs = np.asarray(probs, np.float64)
+  m = melanoma_index(class_names)
+  columns = ['file', 'label', 'predicted_class', 'melanoma_probability',
+             *(f'p_{name}' for name in class_names)]
+  write_csv(path, columns, [
+      {'file': str(name), 'label': class_names[int(label)],
+       'predicted_class': class_names[int(np.argmax(p))],
+       'melanoma_probability': None if m is None else float(p[m]),
+       **{f'p_{c}': float(v) for c, v in zip(class_names, p)}}
+      for name, label, p in zip(file_names, labels, probs)])
+
+
 def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
-  """report.json, report.md and the plots of the evaluated split; process 0 only."""
+  """report.json, report.md, predictions.csv and the plots of the evaluated split; process 0 only."""
   if jax.process_index() != 0:
     return
   directory = epath.Path(directory)
@@ -388,6 +464,9 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   (directory / REPORT_MD).write_text(to_markdown(full))
   evaluated = full['splits'][full['split']]
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
+  if evaluation.predictions.file_names is not None:
+    write_predictions_csv(directory / PREDICTIONS_CSV, evaluation.predictions.file_names, labels,
+                          probs, full['class_names'])
   plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
                            full['class_names'])
   curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], evaluated['per_class'][name]['roc_auc'])

@@ -10,18 +10,21 @@ its row. --json also writes the same as JSON next to the CSV; --tta averages
 the 8 flips and rotations of each image.
 """
 
-import csv
 import json
 import pathlib
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import cli, evaluation, runtime, steps
+from melanoma_jax import cli, ensemble, evaluation, preprocessing, steps
 from melanoma_jax.datasets import image_folders
 
 
@@ -41,43 +44,32 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   return found
 
 
-def dihedral(images: jax.Array, k: int) -> jax.Array:
-  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
-  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
-  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
+_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
-def predict_tta(state: steps.TrainState, images: jax.Array) -> jax.Array:
-  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
-  batch = images.shape[0]
-  probs = steps.predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
-  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
-
-
-_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(predict_tta)}
-
-
-def _decode(path: pathlib.Path, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return image_folders.decode_image(path, image_size).pixels, None
-  except image_folders.UnreadableImageError as e:
+    return preprocessing.model_input(path, stored_size, image_size), None
+  except preprocessing.UnreadableImageError as e:
     return None, str(e)
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False
+                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
   """(file, class probabilities or None, error or None) per file, in order.
 
-  Files are decoded a batch at a time; every batch is padded to
-  `batch_size`, so the jitted predict compiles once.
+  Files are decoded as the run's dataset stored its images (`stored_size`,
+  default `image_size`) and resized as training resized them
+  (`preprocessing.model_input`). They are decoded a batch at a time; every
+  batch is padded to `batch_size`, so the jitted predict compiles once.
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -103,40 +95,51 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
-def _cell(value: Any) -> Any:
-  if value is None:
-    return ''
-  if isinstance(value, bool):
-    return 'yes' if value else 'no'
-  if isinstance(value, float):
-    return f'{value:.6f}'
-  # A spreadsheet runs a cell starting with one of these as a formula (a file
-  # named '=HYPERLINK(...).jpg'); a leading quote makes it text.
-  return "'" + value if isinstance(value, str) and value[:1] in ('=', '+', '-', '@', '\t', '\r') else value
-
-
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), p_<class>..., error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert',
              *(f'p_{name}' for name in class_names), 'error']
-  with path.open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      flat = {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}}
-      writer.writerow({c: _cell(flat[c]) for c in columns})
+  evaluation.write_csv(path, columns, [
+      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
+
+
+def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
+  try:
+    description = ensemble.read_description(args.ensemble or args.workdir[0])
+    if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
+      raise ensemble.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
+                                   f'{description["runs"]}, not of {args.workdir}.')
+    if args.tta != description['tta']:
+      raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+                                   '--tta and its threshold holds only that way: pass the same.')
+    results = ensemble.predict_files(description, files, args.batch_size)
+  except ensemble.EnsembleError as e:
+    sys.exit(f'Error: {e}')
+  operating_point = description['operating_point']
+  threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
+  return description['class_names'], threshold, results
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__)
+  parser = cli.run_parser(__doc__, several=True)
+  parser.add_argument('--ensemble', default=None,
+                      help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
+                      "models, --combine, --tta, threshold); default: a CV run's own.")
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=cli.positive_int, default=32)
   parser.add_argument('--threshold', type=cli.probability, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
+  files = find_images(args.paths)
+  if len(args.workdir) > 1 or ensemble.is_cv_run(args.workdir[0]) or args.ensemble:
+    class_names, threshold, results = _ensemble_predictions(args, files)
+    _write_results(args, class_names, threshold, results, step=None)
+    return
+  args.workdir = args.workdir[0]
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   operating_point = evaluation.read_operating_point(args.workdir)
@@ -145,14 +148,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in
-          predict_files(state, find_images(args.paths), config.image_size, args.batch_size, args.tta)]
+  _write_results(args, class_names, threshold, predict_files(
+      state, files, config.image_size, args.batch_size, args.tta, cli.stored_image_size(config, meta)),
+                 step=int(state.step))
+
+
+def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
+                   step: int | None) -> None:
+  rows = [prediction_row(path, probs, error, class_names, threshold) for path, probs, error in results]
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
   if args.json:
     output.with_suffix('.json').write_text(json.dumps({
-        'workdir': args.workdir, 'step': int(state.step), 'class_names': class_names,
+        'workdir': args.workdir, 'step': step, 'class_names': class_names,
         'threshold': threshold, 'tta': args.tta, 'predictions': rows}, indent=2))
   errors = sum(row['error'] is not None for row in rows)
   alerts = sum(bool(row['melanoma_alert']) for row in rows)
@@ -161,5 +170,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

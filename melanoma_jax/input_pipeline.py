@@ -2,7 +2,9 @@
 
 Train/validation is split on whole groups (lesion or patient; each image is
 its own group when nothing better is known), stratified by class, before any
-augmentation, so no image or copy of one lands on both sides. Test is only
+augmentation, so no image or copy of one lands on both sides; with
+`config.num_folds` the validation split is fold `config.fold` of a grouped,
+stratified k-fold partition of Train. Test is only
 for the final evaluation.
 
 Splits are held in memory as uint8 arrays at the training resolution (the
@@ -23,7 +25,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from melanoma_jax import datasets
+from melanoma_jax import datasets, preprocessing
 from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
 from melanoma_jax.datasets import image_folders
 
@@ -51,11 +53,16 @@ class Examples:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The three splits the training loop uses, and the label names."""
+  """The three splits the training loop uses, and the label names.
+
+  `stored_image_size` is the side of the dataset's stored squares, which the
+  splits were resized from (`preprocessing`): prediction on files needs it.
+  """
   train: Examples
   val: Examples
   test: Examples
   class_names: tuple[str, ...]
+  stored_image_size: int | None = None
 
 
 def prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -88,8 +95,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   """All examples of `split`, resized to image_size, in the builder's order."""
 
   def resize(example):
-    image = tf.image.resize(example['image'], (image_size, image_size), antialias=True)
-    return {**example, 'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
+    return {**example, 'image': preprocessing.resize(example['image'], image_size)}
 
   if split not in builder.info.splits:
     raise DataError(
@@ -132,6 +138,35 @@ def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: floa
   return np.flatnonzero(~is_val[inverse]), np.flatnonzero(is_val[inverse])
 
 
+def assign_folds(labels: np.ndarray, group_ids: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+  """The cross-validation fold [N] of every example: whole groups per fold, stratified by class.
+
+  A group's class is the label of its first image (as in `split_by_group`).
+  Class by class, groups in a seeded random order (largest first) go to the
+  fold holding fewest images of that class so far (then fewest images), so
+  per-class counts differ between folds by at most the largest group.
+  """
+  groups, first, inverse, sizes = np.unique(group_ids, return_index=True, return_inverse=True,
+                                            return_counts=True)
+  if not 2 <= num_folds <= len(groups):
+    raise ValueError(f'num_folds={num_folds} must be in [2, {len(groups)}] (the number of lesion '
+                     'or patient groups).')
+  group_labels = labels[first]
+  classes = np.unique(group_labels)
+  rng = np.random.default_rng(seed)
+  class_counts = np.zeros((len(classes), num_folds), np.int64)
+  totals = np.zeros(num_folds, np.int64)
+  group_fold = np.empty(len(groups), np.int64)
+  for c, label in enumerate(classes):
+    members = rng.permutation(np.flatnonzero(group_labels == label))
+    for g in members[np.argsort(-sizes[members], kind='stable')]:
+      fold = np.lexsort((np.arange(num_folds), totals, class_counts[c]))[0]
+      group_fold[g] = fold
+      class_counts[c, fold] += sizes[g]
+      totals[fold] += sizes[g]
+  return group_fold[inverse.reshape(-1)]
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """Reads Train and Test, maps labels to the task, splits off validation."""
   builder = prepared_builder(config)
@@ -158,9 +193,17 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
                  len(groups), len(train_full))
     train_full = dataclasses.replace(train_full, group_ids=np.array(
         [groups.get(name, name) for name in train_full.file_names]))
-  train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
-                                      config.val_fraction, config.seed)
-  return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names)
+  if config.get('num_folds'):
+    try:
+      folds = assign_folds(train_full.labels, train_full.group_ids, config.num_folds, config.seed)
+    except ValueError as e:
+      raise DataError(f'config.{e}') from None
+    train_idx, val_idx = np.flatnonzero(folds != config.fold), np.flatnonzero(folds == config.fold)
+  else:
+    train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
+                                        config.val_fraction, config.seed)
+  return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names,
+              builder.info.features['image'].shape[0])
 
 
 def host_shard(examples: Examples) -> Examples:
@@ -223,6 +266,18 @@ def _index_stream(labels: np.ndarray, balance: bool, num_classes: int, seed: int
                      .shuffle(len(members), seed=seed + c).repeat())
   return tf.data.Dataset.sample_from_datasets(
       per_class, weights=[1.0 / num_classes] * num_classes, seed=seed)
+
+
+def expected_draws_per_class(labels: np.ndarray, num_classes: int, balance: bool,
+                             num_draws: int) -> np.ndarray:
+  """How many examples of each class `num_draws` draws of the training stream hold, in expectation.
+
+  Balanced, every class is equally likely per draw; otherwise each class
+  comes up as often as it is stored.
+  """
+  if balance:
+    return np.full(num_classes, num_draws / num_classes)
+  return np.bincount(labels, minlength=num_classes) * num_draws / len(labels)
 
 
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,

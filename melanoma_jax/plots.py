@@ -1,9 +1,10 @@
-"""Figures of an evaluation: confusion matrices, ROC curves, reliability, Grad-CAM.
+"""Figures of a dataset and an evaluation: overview, confusion matrices, ROC curves, reliability, Grad-CAM.
 
 Plain matplotlib over numbers computed elsewhere (`evaluation`, `saliency`),
 so what a figure shows is what the report says.
 """
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,5 +104,30 @@ def grad_cam_overlay(path: epath.PathLike, image: np.ndarray, cam: np.ndarray, t
   fig.colorbar(shown, ax=axes[1], fraction=0.046, label='relative evidence')
   fig.suptitle(title)
   for ax in axes:
+    ax.axis('off')
+  _save(fig, path)
+
+
+def dataset_overview(path: epath.PathLike, class_names: Sequence[str],
+                     counts: Mapping[str, Sequence[float]], samples: Sequence[np.ndarray | None]) -> None:
+  """Images per class for each split (bars, `counts` keyed by legend label), and one sample image per class."""
+  n = len(class_names)
+  fig = plt.figure(figsize=(max(10, 1.4 * n), 4 + 0.35 * n + 1.8))
+  grid = fig.add_gridspec(2, n, height_ratios=(4 + 0.35 * n, 1.8))
+  bars = fig.add_subplot(grid[0, :])
+  height = 0.8 / len(counts)
+  positions = np.arange(n)
+  for i, (label, values) in enumerate(counts.items()):
+    shown = bars.barh(positions + (i - (len(counts) - 1) / 2) * height, values, height, label=label)
+    bars.bar_label(shown, fmt='%.0f', fontsize=7, padding=2)
+  bars.set(yticks=positions, xlabel='images', title='Images per class and split')
+  bars.set_yticklabels(class_names)
+  bars.invert_yaxis()
+  bars.legend(loc='lower right', fontsize=8)
+  for c, (name, image) in enumerate(zip(class_names, samples)):
+    ax = fig.add_subplot(grid[1, c])
+    if image is not None:
+      ax.imshow(image)
+    ax.set_title('\n'.join(textwrap.wrap(name, 14)), fontsize=8)
     ax.axis('off')
   _save(fig, path)

@@ -1,4 +1,4 @@
-"""Side effects of a run's progress: history file, TensorBoard and curves.
+"""Side effects of a run's progress: model table, dataset overview, history file, TensorBoard and curves.
 
 Only process 0 writes; every function here is a no-op elsewhere.
 """
@@ -9,11 +9,46 @@ from typing import Any
 
 import jax
 import matplotlib
+import numpy as np
 import tensorflow as tf
+from absl import logging
 from etils import epath
+
+from melanoma_jax import input_pipeline, plots
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+MODEL_SUMMARY = 'model_summary.txt'
+DATASET_OVERVIEW = 'dataset_overview.png'
+
+
+def write_model_summary(workdir: epath.PathLike, table: str) -> None:
+  """Logs the model's layer table (`model_summary.layer_table`) and writes model_summary.txt."""
+  if jax.process_index() != 0:
+    return
+  logging.info('Layer table (also in %s):\n%s', MODEL_SUMMARY, table)
+  (epath.Path(workdir) / MODEL_SUMMARY).write_text(table + '\n')
+
+
+def plot_dataset_overview(workdir: epath.PathLike, data: input_pipeline.Data,
+                          drawn_per_epoch: np.ndarray) -> None:
+  """dataset_overview.png: images per class in train (stored and as drawn per epoch), val and test.
+
+  `drawn_per_epoch` is what the training stream draws of each class in an
+  epoch, in expectation (after class balancing, if on); each class's sample
+  is its first training image, as the model sees it before augmentation.
+  """
+  if jax.process_index() != 0:
+    return
+  n = len(data.class_names)
+  count = lambda examples: np.bincount(examples.labels, minlength=n)
+  counts = {'train (stored)': count(data.train), 'train (drawn per epoch)': drawn_per_epoch,
+            'validation': count(data.val), 'test': count(data.test)}
+  samples = [data.train.images[np.flatnonzero(data.train.labels == c)[0]] if count(data.train)[c] else None
+             for c in range(n)]
+  plots.dataset_overview(epath.Path(workdir) / DATASET_OVERVIEW, data.class_names, counts, samples)
 
 
 def read_history(workdir: epath.PathLike) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   YNNPACK instead and keeps matmuls and convolutions on Eigen. It is
   experimental, so it is set only for the jaxlib releases it was measured on
   (an unknown flag aborts XLA), and it changes which lowering is fastest
-  (`layers.resolve`).
+  (`models.seed_cnn_lowering.resolve`).
 * glibc returns every freed block over 32 MiB to the kernel, so each step
   faults its GBs of temporaries in again, 4 KiB at a time: a one-epoch
   launch.py run took 27M page faults and 53 s of system time; with
@@ -19,12 +19,21 @@ step (`benchmarks/train_throughput.py`; README, Speed):
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.
+
+The console is for the user's progress and results: TensorFlow's native
+libraries print start-up banners (oneDNN, CPU features, absl's pre-init
+notice) that no log level reaches, so `configure` imports TensorFlow with
+those lines dropped and everything else it prints kept, and sets
+TF_CPP_MIN_LOG_LEVEL=1 (unless set) so its later INFO lines stay quiet while
+warnings and errors show.
 """
 
 import importlib.metadata
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 # jaxlib (major, minor) -> XLA:CPU flags measured to speed up the seed model.
@@ -58,14 +67,63 @@ def with_xla_flags(current: str, flags: Sequence[str]) -> str:
   return ' '.join([*current.split(), *(f for f in flags if f.split('=')[0] not in names)])
 
 
+# Informational lines TensorFlow's native libraries print while loading.
+START_UP_BANNERS = (
+    'All log messages before absl::InitializeLog() is called are written to STDERR',
+    'oneDNN custom operations are on',
+    'This TensorFlow binary is optimized to use available CPU instructions',
+    'To enable the following instructions:',
+)
+
+
+def without_banners(text: str) -> str:
+  """`text` without the lines that hold a start-up banner."""
+  return ''.join(line for line in text.splitlines(keepends=True)
+                 if not any(banner in line for banner in START_UP_BANNERS))
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with stderr captured, then shows what it printed but the banners."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      sys.stderr.write(without_banners(captured.read().decode(errors='replace')))
+      sys.stderr.flush()
+
+
 def configure(reexec: bool = False) -> None:
-  """Applies both settings; call first thing in an entry point's `__main__`.
+  """Applies the settings; call first thing in an entry point, before JAX or TensorFlow load.
 
   With `reexec`, a Linux process without a GLIBC_TUNABLES of its own is
   replaced by the same command with huge pages; the PID stays the same, so
-  signals still reach it. Without, only the XLA flags are set.
+  signals still reach it. Without, only the XLA flags are set. Then
+  TensorFlow is imported without its start-up banners.
   """
   os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
     os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+  _import_tensorflow_quietly()
+
+
+def show_info_only_from(*paths: str) -> Callable[[logging.LogRecord], bool]:
+  """A log filter: INFO and below only from files under `paths`; warnings from anywhere.
+
+  For the absl handler of launch.py, whose INFO level is for our progress,
+  not for the libraries' own (TFDS reading files, JAX probing for TPUs,
+  orbax's every checkpoint I/O step).
+  """
+  prefixes = tuple(os.path.realpath(path) for path in paths)
+  return lambda record: (record.levelno >= logging.WARNING
+                         or os.path.realpath(record.pathname).startswith(prefixes))

@@ -2,29 +2,29 @@
 
   python -m melanoma_jax.saliency --workdir=runs/balanced --image=lesion.jpg --class=melanoma --output=cam.png
 
-Grad-CAM (Selvaraju et al., 2017) weighs the rectified feature maps of the
-last convolution (SeedCNN's conv4) by the mean gradient of the class score
-(the logit, before softmax) with respect to them, keeps the positive part,
-and upsamples it onto the image. So a clinician can check that an alert
+Grad-CAM (Selvaraju et al., 2017) weighs the feature maps a model marks
+with `models.mark_features` (the last convolution stage for CNNs, SeedCNN's
+rectified conv4; the last block's patch tokens for ViT) by the mean gradient
+of the class score (the logit, before softmax) with respect to them, keeps
+the positive part, and upsamples it onto the image. So a clinician can check that an alert
 rests on the lesion, not on a ruler, hair or the vignette.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 
-import flax.linen as nn
+from melanoma_jax import runtime
+
+if __name__ == '__main__':
+  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+
 import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
 
-from melanoma_jax import cli, plots, runtime, steps
-from melanoma_jax.datasets import image_folders
-
-# SeedCNN: bn4 takes relu(conv4), the rectified maps of the last convolution,
-# which sits after two 2x2 poolings (a feature-map pixel per 4 image pixels).
-_FEATURES_INPUT_OF = 'bn4'
-_FEATURE_STRIDE = 4
+from melanoma_jax import cli, models, plots, preprocessing, steps
 
 
 def _class_score(logits: jax.Array, class_index: jax.Array) -> jax.Array:
@@ -36,25 +36,24 @@ def _class_score(logits: jax.Array, class_index: jax.Array) -> jax.Array:
 
 def _features_and_gradients(state: steps.TrainState, image: jax.Array,
                             class_index: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The last conv layer's rectified maps [h, w, K] and the class score's gradient there."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  """The marked feature maps [h, w, K] and the class score's gradient there.
 
-  def run(features: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Logits and the maps; given `features`, the network continues from them instead."""
-    seen = []
+  The gradient at the maps is the gradient at the zero perturbation the
+  model adds to them (`models.mark_features`).
+  """
+  _, marked = state.model.apply(state.variables, image[None], train=False,
+                                mutable=['intermediates', 'perturbations'])
+  if models.FEATURES not in marked.get('perturbations', {}):
+    raise ValueError(f'{type(state.model).__name__} marks no feature map for Grad-CAM '
+                     '(models.mark_features).')
+  features = marked['intermediates'][models.FEATURES][0]
 
-    def interceptor(next_fun, args, kwargs, context):
-      if context.module.name == _FEATURES_INPUT_OF and context.method_name == '__call__':
-        seen.append(args[0])
-        args = args if features is None else (features, *args[1:])
-      return next_fun(*args, **kwargs)
+  def score(perturbations):
+    logits = state.model.apply({**state.variables, 'perturbations': perturbations}, image[None],
+                               train=False)
+    return _class_score(logits[0], class_index)
 
-    with nn.intercept_methods(interceptor):
-      logits = state.model.apply(variables, image[None], train=False)
-    return logits[0], seen[0]
-
-  _, features = run(None)
-  gradients = jax.grad(lambda f: _class_score(run(f)[0], class_index))(features)
+  gradients = jax.grad(score)(marked['perturbations'])[models.FEATURES]
   return features[0], gradients[0]
 
 
@@ -63,11 +62,15 @@ def grad_cam(state: steps.TrainState, image: jax.Array, class_index: jax.Array) 
   """Grad-CAM of `class_index` for one uint8 image [H, W, 3]: [H, W] in [0, 1], 1 at the peak."""
   features, gradients = _features_and_gradients(state, image, class_index)
   cam = jax.nn.relu(jnp.tensordot(features, jnp.mean(gradients, axis=(0, 1)), axes=1))
-  # Valid convolutions trim the border: feature pixels are _FEATURE_STRIDE
-  # image pixels apart, centred on the image; interpolate bilinearly between
-  # their centres and hold the edge values out to the image border.
-  coords = [(jnp.arange(size) + 0.5 - (size - _FEATURE_STRIDE * n) / 2) / _FEATURE_STRIDE - 0.5
-            for size, n in zip(image.shape[:2], cam.shape)]
+  # Feature pixels are `feature_stride` image pixels apart (by default the
+  # image size over the map size), centred on the image (valid convolutions
+  # trim the border); interpolate bilinearly between their centres and hold
+  # the edge values out to the image border.
+  stride = getattr(state.model, 'feature_stride', None)
+  coords = []
+  for size, n in zip(image.shape[:2], cam.shape):
+    step = stride or size / n
+    coords.append((jnp.arange(size) + 0.5 - (size - step * n) / 2) / step - 0.5)
   cam = ndimage.map_coordinates(cam, jnp.meshgrid(*coords, indexing='ij'), order=1, mode='nearest')
   return jnp.clip(cam / jnp.maximum(jnp.max(cam), 1e-12), 0.0, 1.0)
 
@@ -83,25 +86,25 @@ def class_index(name_or_index: str, class_names: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
-  parser.add_argument('--image', required=True)
+  parser.add_argument('--image', required=True, type=cli.user_path)
   parser.add_argument('--class', dest='class_name', default=None,
                       help='Class name or number; default: the predicted class.')
-  parser.add_argument('--output', required=True, help='PNG file to write.')
+  parser.add_argument('--output', required=True, type=cli.user_path, help='PNG file to write.')
   args = parser.parse_args(argv)
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   try:
-    pixels = image_folders.decode_image(args.image, config.image_size).pixels
+    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
-  except (image_folders.UnreadableImageError, ValueError) as e:
+  except (preprocessing.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {args.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
+  os.makedirs(os.path.dirname(args.output), exist_ok=True)
   plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
                          f'(p={probs[index]:.3f}; predicted {class_names[int(np.argmax(probs))]})')
   print(f'Wrote {args.output}')
 
 
 if __name__ == '__main__':
-  runtime.configure()
   main()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from melanoma_jax import optim
+from melanoma_jax import losses, optim
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -28,32 +28,48 @@ class TrainState(struct.PyTreeNode):
   """Everything a step needs and a checkpoint keeps.
 
   `model` and `tx` are static (not pytree leaves): they are configuration,
-  rebuilt from the config file on restore.
+  rebuilt from the config file on restore. `model_state` holds the model's
+  non-parameter collections by name (`{'batch_stats': ...}` for a model
+  with BatchNorm, `{}` for one without).
   """
   step: jax.Array
   params: Any
-  batch_stats: Any
+  model_state: dict[str, Any]
   opt_state: optim.OptState
   rng: jax.Array
   model: nn.Module = struct.field(pytree_node=False)
   tx: optim.PlateauOptimizer = struct.field(pytree_node=False)
+  # The training loss; None: `head_loss`. Evaluation always uses `head_loss`.
+  loss: losses.Loss | None = struct.field(pytree_node=False, default=None)
 
   @property
   def num_outputs(self) -> int:
     return self.params['head']['kernel'].shape[-1]
 
+  @property
+  def variables(self) -> dict[str, Any]:
+    """What `model.apply` takes."""
+    return {'params': self.params, **self.model_state}
+
+
+# Collections `apply` fills on demand (Grad-CAM's hooks), never state.
+_TRANSIENT_COLLECTIONS = ('intermediates', 'perturbations')
+
 
 def create_train_state(rng: jax.Array, model: nn.Module,
                        tx: optim.PlateauOptimizer,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and optimizer state."""
+                       image_shape: tuple[int, int, int],
+                       loss: losses.Loss | None = None) -> TrainState:
+  """Initialises parameters, other model collections and optimizer state."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
   params = variables['params']
+  model_state = {name: tree for name, tree in variables.items()
+                 if name != 'params' and name not in _TRANSIENT_COLLECTIONS}
   return TrainState(
       step=jnp.asarray(0, jnp.int32), params=params,
-      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-      rng=jax.random.key_data(state_rng), model=model, tx=tx)
+      model_state=model_state, opt_state=tx.init(params),
+      rng=jax.random.key_data(state_rng), model=model, tx=tx, loss=loss)
 
 
 def head_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -104,33 +120,33 @@ def train_step(state: TrainState, batch: Batch,
   labels = batch['label']
 
   def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+    logits, model_state = model.apply(
+        {'params': params, **state.model_state}, batch['image'],
         train=True, rngs={'dropout': _dropout_rng(state, axis_name)},
-        mutable=['batch_stats'])
-    loss = head_loss(logits, labels)
+        mutable=list(state.model_state))
+    loss = (state.loss or head_loss)(logits, labels)
     predicted = jnp.argmax(head_probabilities(logits), axis=-1)
-    return jnp.mean(loss), (loss, predicted, updates['batch_stats'])
+    return jnp.mean(loss), (loss, predicted, model_state)
 
   params = state.params
   if axis_name is not None:
     # Differentiate per device, then average explicitly: shard_map would
     # otherwise sum the gradients of device-invariant params implicitly.
     params = jax.lax.pcast(params, axis_name, to='varying')
-  grads, (loss, predicted, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  grads, (loss, predicted, model_state) = jax.grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   # A non-finite step counts in no metric and changes no parameter, optimizer
-  # state or BatchNorm statistic; the loop then stops or, with
-  # config.skip_nonfinite_steps, goes on. Either way the state's layout is
-  # the same, so checkpoints move between the two settings.
+  # state or BatchNorm statistic (all of model_state); the loop then stops
+  # or, with config.skip_nonfinite_steps, goes on. Either way the state's
+  # layout is the same, so checkpoints move between the two settings.
   finite = jnp.isfinite(optax.tree.sum(grads))  # grads are averaged: the same on every device
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
       params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-      batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+      model_state=keep_if_finite(model_state, state.model_state),
       opt_state=keep_if_finite(opt_state, state.opt_state))
   weights = jnp.where(finite, jnp.ones_like(loss), jnp.zeros_like(loss))
   metrics = _metrics(jnp.where(finite, loss, 0.0), predicted, labels, weights,
@@ -140,8 +156,7 @@ def train_step(state: TrainState, batch: Batch,
 
 
 def _eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
-  return state.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                           train=False)
+  return state.model.apply(state.variables, images, train=False)
 
 
 def predict(state: TrainState, images: jax.Array) -> jax.Array:
@@ -157,6 +172,26 @@ def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.A
   """
   logits = _eval_logits(state, batch['image'])
   return head_probabilities(logits), head_loss(logits, batch['label'])
+
+
+def dihedral(images: jax.Array, k: int) -> jax.Array:
+  """The k-th of the 8 rotations (k % 4 quarter turns) and flips (k >= 4) of square images [B, H, W, C]."""
+  rotated = jnp.rot90(images, k % 4, axes=(1, 2))
+  return jnp.flip(rotated, axis=2) if k >= 4 else rotated
+
+
+def predict_tta(state: TrainState, images: jax.Array) -> jax.Array:
+  """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
+  batch = images.shape[0]
+  probs = predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
+  return jnp.mean(probs.reshape(8, batch, -1), axis=0)
+
+
+def predict_with_loss_tta(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """As `predict_with_loss` over the 8 dihedral views: averaged probabilities and their cross-entropy."""
+  probs = predict_tta(state, batch['image'])
+  p_label = jnp.take_along_axis(probs, batch['label'][:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return probs, -jnp.log(jnp.maximum(p_label, jnp.finfo(probs.dtype).tiny))
 
 
 def eval_step(state: TrainState, batch: Batch,

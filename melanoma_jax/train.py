@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -20,9 +19,9 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from melanoma_jax import datasets
-from melanoma_jax import (checkpointing, config_checks, distributed, evaluation, input_pipeline, layers,
-                          metrics as metrics_lib, models, optim, preemption, reporting, steps,
-                          workdir_lock)
+from melanoma_jax import (checkpointing, config_checks, distributed, evaluation, input_pipeline, losses,
+                          metrics as metrics_lib, model_summary, models, optim, preemption, reporting,
+                          steps, workdir_lock)
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -31,18 +30,6 @@ AXIS = 'batch'
 # help parameters that make every batch non-finite.
 MAX_NONFINITE_TO_SKIP = 20
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-
-
-def derive_bn_momentum(steps_per_epoch: int) -> float:
-  """A BatchNorm momentum whose running statistics track the current weights.
-
-  With Keras' 0.99 the running statistics average over ~100 steps; on a
-  dataset of a few dozen steps per epoch they still carry the random-init
-  statistics after the first epochs, and validation accuracy sits near
-  chance while training accuracy climbs. An averaging window of a fifth of
-  an epoch forgets the initial values within the first epoch.
-  """
-  return float(np.clip(1.0 - 5.0 / steps_per_epoch, 0.5, 0.99))
 
 
 def num_outputs(config: ml_collections.ConfigDict, num_classes: int) -> int:
@@ -63,36 +50,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size <= 0 or config.batch_size % devices:
     raise ConfigError(f'config.batch_size={config.batch_size} must be a positive multiple of the '
                       f'{devices} devices, so each gets an equal share.')
-  if config.model.name != 'seed_cnn':
-    raise ConfigError(f"config.model.name={config.model.name!r}; available: 'seed_cnn'.")
+  if config.model.name not in models.MODELS:
+    raise ConfigError(f'config.model.name={config.model.name!r}; available: {", ".join(models.MODELS)}.')
   try:
-    layers.resolve(config.model.conv_impl)
+    models.MODELS[config.model.name].check(config)
   except ValueError as e:
-    raise ConfigError(f'config.model.conv_impl: {e}') from None
+    raise ConfigError(str(e)) from None
   if config.model.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; choose one of {COMPUTE_DTYPES} '
                       '(parameters always stay float32).')
-  if config.image_size < 30:
-    raise ConfigError(f'config.image_size={config.image_size} is too small for seed_cnn '
-                      '(four valid 3x3 convolutions and three 2x2 poolings need >= 30).')
   if not 0 < config.val_fraction < 1:
     raise ConfigError(f'config.val_fraction={config.val_fraction} must be in (0, 1).')
+  num_folds = config.get('num_folds', 0)
+  if num_folds and not (num_folds >= 2 and 0 <= config.fold < num_folds):
+    raise ConfigError(f'config.num_folds={num_folds}, config.fold={config.fold}: cross-validation '
+                      'needs num_folds >= 2 (0 turns it off) and fold in [0, num_folds).')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be >= 1.')
   if not 0 < config.target_sensitivity <= 1:
     raise ConfigError(f'config.target_sensitivity={config.target_sensitivity} must be in (0, 1].')
-  optim.make_optimizer(config)  # raises on invalid plateau settings
+  optim.make_optimizer(config)  # raises on invalid optimizer, schedule or plateau settings
+  losses.make_loss(config.get('loss'), None)  # raises on invalid loss settings
   config_checks.check_ranges(config)
-  config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9, 0.9))
+  config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9))
 
 
-def build_state(config: ml_collections.ConfigDict, outputs: int, bn_momentum: float) -> steps.TrainState:
-  """A freshly initialised train state for `config`'s model and optimizer."""
-  model = models.SeedCNN(num_classes=outputs, dropout_rate=config.model.dropout_rate,
-                         bn_momentum=bn_momentum, dtype=jnp.dtype(config.model.get('dtype', 'float32')),
-                         conv_impl=config.model.get('conv_impl', 'auto'))
-  return steps.create_train_state(jax.random.key(config.seed), model, optim.make_optimizer(config),
-                                  (config.image_size, config.image_size, 3))
+def build_state(config: ml_collections.ConfigDict, outputs: int, steps_per_epoch: int | None = None,
+                class_counts: np.ndarray | None = None) -> steps.TrainState:
+  """A freshly initialised train state for `config`'s model, optimizer and loss.
+
+  `steps_per_epoch` and `class_counts` (training examples per class) are
+  None outside training; they set the schedule, model settings such as a
+  BatchNorm momentum, and class weights.
+  """
+  model = models.build(config.model, outputs, steps_per_epoch)
+  return steps.create_train_state(jax.random.key(config.seed), model,
+                                  optim.make_optimizer(config, steps_per_epoch or 1),
+                                  (config.image_size, config.image_size, 3),
+                                  losses.make_loss(config.get('loss'), class_counts))
 
 
 def restore_for_inference(workdir: str, step: int | None = None
@@ -105,7 +100,7 @@ def restore_for_inference(workdir: str, step: int | None = None
     raise FileNotFoundError(f'No checkpoint {step if step is not None else ""} in {workdir}/checkpoints; '
                             f'kept steps: {list(manager.all_steps())}.')
   template = lambda meta: jax.eval_shape(lambda: build_state(
-      config, num_outputs(config, len(meta['class_names'])), config.model.bn_momentum or 0.99))
+      config, num_outputs(config, len(meta['class_names']))))
   state, meta = checkpointing.restore_step(manager, step, template)
   manager.close()
   return state, config, meta
@@ -182,15 +177,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   num_classes = len(data.class_names)
   outputs = num_outputs(config, num_classes)
   epoch_steps = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
-  bn_momentum = config.model.bn_momentum or derive_bn_momentum(epoch_steps)
-  logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; '
-               'BatchNorm momentum %.3f', data.class_names, len(data.train), len(data.val),
-               len(data.test), epoch_steps, bn_momentum)
+  fresh = build_state(config, outputs, epoch_steps, np.bincount(data.train.labels, minlength=num_classes))
+  logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; model %s',
+               data.class_names, len(data.train), len(data.val), len(data.test), epoch_steps, fresh.model)
 
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
-  state, meta = checkpointing.restore_latest(manager, build_state(config, outputs, bn_momentum), workdir)
+  state, meta = checkpointing.restore_latest(manager, fresh, workdir)
   checkpointing.write_config(workdir, config)  # the run has started: data and state fit
   _warn_without_validation_melanoma(data)
+  if not meta and config.model.get('init_from'):
+    state = _init_from_pretrained(state, config)
+  reporting.write_model_summary(workdir, model_summary.layer_table(
+      state.model, (config.image_size, config.image_size, 3), train=False))
+  if not meta:
+    reporting.plot_dataset_overview(workdir, data, input_pipeline.expected_draws_per_class(
+        data.train.labels, num_classes, config.balance_classes, epoch_steps * config.batch_size))
   # Replicated on this host's devices, as the pmapped step returns it: the
   # step donates the state, and donation that needs resharding fails on
   # multi-host pmap.
@@ -203,7 +204,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   reporting.plot_curves(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
-  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names), **kw}
+  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
+                                  'stored_image_size': data.stored_image_size, **kw}
 
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
@@ -242,7 +244,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             return None
       del batches  # its copy of the training images, before the next epoch makes another
 
-      row = {'epoch': epoch, 'step': int(state.step), 'lr': state.tx.current_learning_rate(state.opt_state)}
+      row = {'epoch': epoch, 'step': int(state.step),
+             'lr': state.tx.current_learning_rate(state.opt_state, int(state.step))}
       row.update(metrics_lib.summarize(total, 'train'))
       train_seconds = time.perf_counter() - epoch_start
       val = evaluation.gather_predictions(state, data.val, config.batch_size)
@@ -278,6 +281,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   result = _final_evaluation(manager, state, history, data, config, workdir)
   manager.close()
   return result
+
+
+def _init_from_pretrained(state: steps.TrainState, config: ml_collections.ConfigDict) -> steps.TrainState:
+  """`state` with the backbone (and its BatchNorm statistics) of config.model.init_from.
+
+  Only for a run that starts: a checkpoint to resume always wins.
+  """
+  path = config.model.init_from
+  try:
+    _, pretrained = models.load_pretrained(config.model.name, path)
+    variables = models.fit_pretrained(config.model.name, pretrained, jax.device_get(state.variables))
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'config.model.init_from={path}: {e}') from None
+  params = variables.pop('params')
+  logging.info('Initialised %s from %s (head re-initialised for %d outputs).', config.model.name, path,
+               state.num_outputs)
+  return state.replace(params=params, model_state=variables, opt_state=state.tx.init(params))
 
 
 def params_digest(params: Any) -> str:

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from melanoma_jax import models, optim, steps, train
+from melanoma_jax import models, optim, steps
+from melanoma_jax.models import seed_cnn
 
 STEPS_PER_EPOCH = 10
 
@@ -22,16 +23,16 @@ def _running_vs_true_mean_error(bn_momentum: float) -> float:
   step = jax.jit(steps.train_step)
   for i in range(STEPS_PER_EPOCH):
     state, _ = step(state, {'image': images[i], 'label': labels[i]})
-  _, intermediates = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+  _, intermediates = model.apply(state.variables,
                                  images.reshape(-1, 32, 32, 3), train=False,
                                  capture_intermediates=lambda mdl, _: mdl.name == 'conv3')
   true_mean = jnp.mean(jax.nn.relu(intermediates['intermediates']['conv3']['__call__'][0]), axis=(0, 1, 2))
-  running_mean = state.batch_stats['bn3']['mean']
+  running_mean = state.model_state['batch_stats']['bn3']['mean']
   return float(jnp.linalg.norm(running_mean - true_mean) / jnp.linalg.norm(true_mean))
 
 
 def test_derived_momentum_tracks_the_weights_where_keras_default_lags():
-  derived = train.derive_bn_momentum(STEPS_PER_EPOCH)
+  derived = seed_cnn.derive_bn_momentum(STEPS_PER_EPOCH)
   assert derived < 0.99
   # ~0.10 (the weights move during the epoch, so the running mean, an
   # average over its last steps, cannot be exact) against ~0.93.
@@ -40,6 +41,6 @@ def test_derived_momentum_tracks_the_weights_where_keras_default_lags():
 
 
 def test_derived_momentum_is_bounded():
-  assert train.derive_bn_momentum(1) == 0.5
-  assert train.derive_bn_momentum(56) == pytest.approx(1 - 5 / 56)
-  assert train.derive_bn_momentum(10_000) == 0.99
+  assert seed_cnn.derive_bn_momentum(1) == 0.5
+  assert seed_cnn.derive_bn_momentum(56) == pytest.approx(1 - 5 / 56)
+  assert seed_cnn.derive_bn_momentum(10_000) == 0.99

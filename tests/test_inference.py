@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_jax import evaluate, evaluation, inference, plots, saliency, train
+from melanoma_jax import evaluate, evaluation, inference, plots, saliency, steps, train
 
 
 @pytest.fixture(scope='module')
@@ -76,11 +76,11 @@ def test_predict_gives_every_file_a_row_and_the_corrupt_one_its_error(run, tmp_p
 def test_tta_averages_the_eight_flips_and_rotations(restored):
   state, _, meta = restored
   images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8)
-  predict_tta = jax.jit(inference.predict_tta)
+  predict_tta = jax.jit(steps.predict_tta)
   probs = predict_tta(state, images)
   assert probs.shape == (3, len(meta['class_names']))
   # The 8 transforms are a group: transforming the input only reorders them.
-  turned = predict_tta(state, inference.dihedral(jnp.asarray(images), 5))
+  turned = predict_tta(state, steps.dihedral(jnp.asarray(images), 5))
   np.testing.assert_allclose(turned, probs, rtol=1e-4, atol=1e-6)
 
 

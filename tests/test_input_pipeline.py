@@ -59,6 +59,16 @@ def test_balanced_stream_draws_every_class_equally(data, tiny_config):
   assert stats.chisquare(counts).pvalue < 1e-6
 
 
+@pytest.mark.parametrize('balance', [True, False])
+def test_expected_draws_per_class_are_what_the_stream_draws(data, tiny_config, balance):
+  config = tiny_config.copy_and_resolve_references()
+  config.balance_classes = balance
+  counts = _label_counts(data.train, config, epoch=2, steps=150)
+  expected = input_pipeline.expected_draws_per_class(data.train.labels, 9, balance, counts.sum())
+  assert expected.sum() == pytest.approx(counts.sum())
+  assert stats.chisquare(counts, expected).pvalue > 1e-3
+
+
 def test_train_stream_is_reproducible_per_epoch(data, tiny_config):
   first = lambda epoch: next(input_pipeline.train_batches(data.train, tiny_config, 9, epoch, 2))
   a, b, c = first(3), first(3), first(4)

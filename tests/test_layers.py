@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from melanoma_jax import layers, models, optim, runtime, steps
+from melanoma_jax import models, optim, runtime, steps
+from melanoma_jax.models import seed_cnn_lowering as layers
 
 LOWERINGS = sorted(layers.LOWERINGS)
 
@@ -120,12 +121,12 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(impl):
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
 
   def run(state, batch):
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = state.variables
     f32_logits = models.SeedCNN(9, conv_impl=impl).apply(variables, batch['image'], train=False)
     return steps.train_step(state, batch), model.apply(variables, batch['image'], train=False), f32_logits
 
   (new_state, metrics), bf16_logits, f32_logits = jax.jit(run)(state, batch)
-  for tree in (new_state.params, new_state.batch_stats, new_state.opt_state):
+  for tree in (new_state.params, new_state.model_state, new_state.opt_state):
     assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {
         jnp.dtype(jnp.float32)}
   assert np.isfinite(float(metrics['loss'][0]))

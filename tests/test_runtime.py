@@ -50,3 +50,15 @@ def test_reexecutes_in_place_with_huge_pages_and_the_same_arguments():
 def test_users_own_malloc_tunables_are_left_alone():
   _, out = _run('glibc.malloc.arena_max=2')
   assert out.startswith("['arg one', '--two'] glibc.malloc.arena_max=2 ")
+
+
+def test_tensorflow_loads_without_its_banners_and_still_shows_its_warnings():
+  # A cache read only in part makes tf.data log a C++ warning.
+  code = ('from melanoma_jax import runtime; runtime.configure(); import tensorflow as tf; '
+          'list(tf.data.Dataset.range(3).cache().take(1))')
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  err = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True).stderr
+  assert 'did not fully read the dataset being cached' in err
+  for banner in runtime.START_UP_BANNERS:
+    assert banner not in err

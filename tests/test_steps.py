@@ -69,7 +69,7 @@ def test_pmap_and_shard_map_give_identical_results(dropout_rate, num_steps):
     # Same maths; the two lowerings may order float reductions differently.
     assert _max_diff(m_pmap, m_shard) < 1e-4
   assert _max_diff(s_pmap.params, s_shard.params) < 2e-5
-  assert _max_diff(s_pmap.batch_stats, s_shard.batch_stats) < 2e-5
+  assert _max_diff(s_pmap.model_state, s_shard.model_state) < 2e-5
   assert int(s_pmap.step) == int(s_shard.step) == num_steps
 
 
@@ -95,7 +95,7 @@ def test_one_and_four_devices_follow_the_same_trajectory(num_classes):
   assert _max_diff(state1.params, _state(outputs).params) > 1e-3  # it trains
   np.testing.assert_allclose(losses4, losses1, rtol=1e-4)
   assert _max_diff(state1.params, state4.params) < 1e-4
-  assert _max_diff(state1.batch_stats, state4.batch_stats) < 1e-4
+  assert _max_diff(state1.model_state, state4.model_state) < 1e-4
 
 
 def test_metrics_are_exact_sums_over_devices():
@@ -143,7 +143,7 @@ def test_nonfinite_step_counts_nowhere_and_changes_nothing(skip):
   new_state, metrics = jax.jit(steps.train_step)(state, batch)
   assert float(metrics['nonfinite'][0]) == 1
   assert float(metrics['loss'][1]) == 0 and float(np.sum(metrics['confusion'][0])) == 0
-  for part in ('params', 'batch_stats', 'opt_state'):  # equal bits; the plateau's best starts at inf
+  for part in ('params', 'model_state', 'opt_state'):  # equal bits; the plateau's best starts at inf
     jax.tree.map(np.testing.assert_array_equal, getattr(new_state, part), getattr(state, part))
   # The flag only tells the loop whether to stop: checkpoints fit either setting.
   other = optim.make_optimizer(_config_with(skip_nonfinite_steps=not skip))

@@ -107,9 +107,9 @@ def test_unknown_model_lowering_or_dtype_is_refused(tiny_config, tmp_path, field
 def test_config_selects_lowering_and_mixed_precision(tiny_config):
   config = _config(tiny_config)
   config.model.conv_impl, config.model.dtype = 'native', 'bfloat16'
-  state = train.build_state(config, 9, 0.9)
+  state = train.build_state(config, 9)
   batch = np.zeros((2, config.image_size, config.image_size, 3), np.uint8)
-  hlo = jax.jit(lambda s, x: s.model.apply({'params': s.params, 'batch_stats': s.batch_stats}, x,
+  hlo = jax.jit(lambda s, x: s.model.apply(s.variables, x,
                                           train=False)).lower(state, batch).as_text()
   assert 'bf16' in hlo and 'convolution' in hlo
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}

@@ -1,7 +1,7 @@
 """Reading `ROOT/<split>/<class>/<image>` trees, shared by the real-data builders.
 
-The scanning, decoding and grouping functions are plain Python so they can be
-tested without TFDS; `FolderBuilder` wires them into a TFDS builder that also
+The scanning and grouping functions are plain Python so they can be tested
+without TFDS (decoding is `melanoma_jax.preprocessing`, shared with prediction); `FolderBuilder` wires them into a TFDS builder that also
 writes a preparation report next to the prepared files. All file access goes
 through `etils.epath`, so trees and CSVs may live on `gs://` or other remote
 file systems.
@@ -22,13 +22,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 from etils import epath
-import numpy as np
-from PIL import Image
-from PIL import ImageOps
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import lesion_features
-from melanoma_jax.errors import DatasetLayoutError, UnreadableImageError  # noqa: F401
+from melanoma_jax.errors import DatasetLayoutError  # noqa: F401  (importable from here too)
+# Decoding is shared with prediction; re-exported for the builders and their users.
+from melanoma_jax.preprocessing import DecodedImage, UnreadableImageError, decode_image  # noqa: F401
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png')
 DEFAULT_IMAGE_SIZE = 256
@@ -41,16 +40,6 @@ GROUP_COLUMNS = ('patient_id', 'lesion_id')
 
 _IGNORED_NAMES = ('__MACOSX',)  # macOS zip resource forks.
 _SPLIT_NAME = re.compile(r'^[\w-]+$')  # What TFDS split slicing ('train[:80%]') accepts.
-_EXIF_ORIENTATION = 0x0112
-_MODE_NAMES = {
-    '1': 'black-and-white',
-    'L': 'grayscale',
-    'LA': 'grayscale+alpha',
-    'P': 'palette',
-    'PA': 'palette+alpha',
-}
-# What PIL raises on corrupt, truncated or non-image files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +64,6 @@ class FolderTree:
   class_names: tuple[str, ...]
   splits: Mapping[str, tuple[ImageRecord, ...]]
   skipped: tuple[Skipped, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodedImage:
-  """A uint8 RGB square image and the conversions done to get it."""
-  pixels: np.ndarray
-  conversions: tuple[str, ...]
 
 
 def layout_diagram(root_name: str = 'ROOT',
@@ -348,61 +330,6 @@ def match_groups(file_names: Sequence[str], groups: Mapping[str, str],
           'write the path from the split folder (e.g. '
           f'{"/".join(group_key(sorted(names)[0]).split("/")[1:]) or key!r}) to say which.')
   return matched
-
-
-def _to_8bit(values: np.ndarray) -> np.ndarray:
-  """Scales 16-bit samples to 8 bits with rounding; PIL's `convert` clips at 255."""
-  wide = np.clip(values.astype(np.int64), 0, 65535)
-  return ((wide + 128) // 257).astype(np.uint8)
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-  """Converts any PIL mode to RGB; returns the conversion done, if any."""
-  mode = image.mode
-  name = _MODE_NAMES.get(mode, mode)
-  if mode.startswith('I'):  # 'I;16', 'I;16B', 'I': a 16-bit grayscale PNG.
-    gray = Image.fromarray(_to_8bit(np.asarray(image)))
-    return gray.convert('RGB'), '16-bit grayscale -> 8-bit RGB'
-  if image.has_transparency_data:
-    rgba = image.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB'), (
-        f'{name} -> RGB (alpha composited on white)')
-  if mode == 'RGB':
-    return image, None
-  return image.convert('RGB'), f'{name} -> RGB'
-
-
-def _normalize(image: Image.Image, image_size: int) -> DecodedImage:
-  conversions = []
-  if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-    image = ImageOps.exif_transpose(image)
-    conversions.append('EXIF orientation applied')
-  image, conversion = _to_rgb(image)
-  if conversion:
-    conversions.append(conversion)
-  if min(image.size) < image_size:
-    conversions.append(f'upscaled (a side under {image_size} px)')
-  if image.size != (image_size, image_size):
-    image = image.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-  return DecodedImage(np.asarray(image, dtype=np.uint8), tuple(conversions))
-
-
-def decode_image(path: epath.PathLike, image_size: int) -> DecodedImage:
-  """Decodes any supported image to uint8 RGB, resized once to a square.
-
-  Raises:
-    UnreadableImageError: corrupt, truncated or non-image file.
-  """
-  try:
-    with epath.Path(path).open('rb') as f, Image.open(f) as image:
-      image.load()  # Decode now, so truncation shows up here.
-      return _normalize(image, image_size)
-  except Image.UnidentifiedImageError as error:
-    raise UnreadableImageError('not an image file (unrecognised format)') from error
-  except _DECODE_ERRORS as error:
-    raise UnreadableImageError(
-        f'corrupt, truncated or unsupported ({type(error).__name__}: {error})') from error
 
 
 class PreparationReport:

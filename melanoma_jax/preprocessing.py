@@ -1,0 +1,120 @@
+"""One path from an image file to the model's input, shared by training and prediction.
+
+A file reaches the model in two steps, the same ones whichever command reads it:
+
+1. `decode_image`: decoded once, EXIF orientation applied, any mode made 8-bit
+   RGB, resized with PIL's LANCZOS to the dataset's stored square (256 px for
+   the folder builders). The dataset builders store exactly these pixels
+   (losslessly, as PNG).
+2. `resize`: the stored square resized to the model's `image_size`
+   (bilinear with antialiasing, rounded to uint8). The input pipeline applies
+   it to stored images; `model_input` applies both steps to a file.
+
+So `inference` and `saliency` feed a file the very pixels that training and
+`evaluate` fed its dataset image, and give it the same probabilities.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from etils import epath
+from PIL import Image, ImageOps
+
+_EXIF_ORIENTATION = 0x0112
+_MODE_NAMES = {
+    '1': 'black-and-white',
+    'L': 'grayscale',
+    'LA': 'grayscale+alpha',
+    'P': 'palette',
+    'PA': 'palette+alpha',
+}
+# What PIL raises on corrupt, truncated or non-image files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(ValueError):
+  """An image file cannot be decoded; preparation skips it, prediction reports it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+  """A uint8 RGB square image and the conversions done to get it."""
+  pixels: np.ndarray
+  conversions: tuple[str, ...]
+
+
+def _to_8bit(values: np.ndarray) -> np.ndarray:
+  """Scales 16-bit samples to 8 bits with rounding; PIL's `convert` clips at 255."""
+  wide = np.clip(values.astype(np.int64), 0, 65535)
+  return ((wide + 128) // 257).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+  """Converts any PIL mode to RGB; returns the conversion done, if any."""
+  mode = image.mode
+  name = _MODE_NAMES.get(mode, mode)
+  if mode.startswith('I'):  # 'I;16', 'I;16B', 'I': a 16-bit grayscale PNG.
+    gray = Image.fromarray(_to_8bit(np.asarray(image)))
+    return gray.convert('RGB'), '16-bit grayscale -> 8-bit RGB'
+  if image.has_transparency_data:
+    rgba = image.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert('RGB'), (
+        f'{name} -> RGB (alpha composited on white)')
+  if mode == 'RGB':
+    return image, None
+  return image.convert('RGB'), f'{name} -> RGB'
+
+
+def square_rgb(image: Image.Image, size: int) -> DecodedImage:
+  """A decoded PIL image as the stored uint8 RGB square of side `size` (step 1)."""
+  conversions = []
+  if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    image = ImageOps.exif_transpose(image)
+    conversions.append('EXIF orientation applied')
+  image, conversion = _to_rgb(image)
+  if conversion:
+    conversions.append(conversion)
+  if min(image.size) < size:
+    conversions.append(f'upscaled (a side under {size} px)')
+  if image.size != (size, size):
+    image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+  return DecodedImage(np.asarray(image, dtype=np.uint8), tuple(conversions))
+
+
+def decode_image(path: epath.PathLike, size: int) -> DecodedImage:
+  """Decodes any supported image file to its stored uint8 RGB square (step 1).
+
+  Raises:
+    UnreadableImageError: corrupt, truncated or non-image file.
+  """
+  try:
+    with epath.Path(path).open('rb') as f, Image.open(f) as image:
+      image.load()  # Decode now, so truncation shows up here.
+      return square_rgb(image, size)
+  except Image.UnidentifiedImageError as error:
+    raise UnreadableImageError('not an image file (unrecognised format)') from error
+  except _DECODE_ERRORS as error:
+    raise UnreadableImageError(
+        f'corrupt, truncated or unsupported ({type(error).__name__}: {error})') from error
+
+
+def resize(images: tf.Tensor | np.ndarray, image_size: int) -> tf.Tensor:
+  """Stored uint8 images [..., H, W, 3] at the model's `image_size`, uint8 (step 2).
+
+  A TensorFlow op, so the input pipeline maps it inside tf.data.
+  """
+  resized = tf.image.resize(images, (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def model_input(path: epath.PathLike, stored_size: int, image_size: int) -> np.ndarray:
+  """The model's uint8 input [image_size, image_size, 3] for an image file (steps 1 and 2).
+
+  `stored_size` is the side the run's dataset stored its images at.
+
+  Raises:
+    UnreadableImageError: corrupt, truncated or non-image file.
+  """
+  return resize(decode_image(path, stored_size).pixels, image_size).numpy()

@@ -1,0 +1,87 @@
+"""A file gets the same pixels, and the same probabilities, in training, evaluation and prediction."""
+
+import csv
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from melanoma_jax import evaluate, evaluation, inference, input_pipeline, preprocessing, train
+from melanoma_jax.datasets import image_folder  # noqa: F401  pylint: disable=unused-import  # Registers it.
+
+CLASSES = ('melanoma', 'nevus', 'vascular lesion')
+STORED = 256  # image_folder's stored size
+IMAGE_SIZE = 40
+
+
+def _tree(root, per_split):
+  """Images of assorted sizes and modes (down- and upscaled, grayscale, RGBA, JPEG and PNG)."""
+  rng = np.random.default_rng(0)
+  shapes = [(300, 280, 3), (60, 90, 3), (257, 257, 4), (120, 100)]
+  for split, n in per_split.items():
+    for c, name in enumerate(CLASSES):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        shape = shapes[(c + i) % len(shapes)]
+        # Smooth blobs plus noise: something for LANCZOS and the antialiasing to act on.
+        image = Image.fromarray(rng.integers(0, 256, shape, np.uint8))
+        ext = '.png' if len(shape) == 3 and shape[2] == 4 else '.jpg'
+        image.save(root / split / name / f'{name[:3]}_{i}{ext}')
+
+
+@pytest.fixture(scope='module')
+def folder_config(tiny_config, tmp_path_factory):
+  root = tmp_path_factory.mktemp('lesions')
+  _tree(root, {'Train': 4, 'Test': 2})
+  config = tiny_config.copy_and_resolve_references()
+  config.dataset = 'image_folder'
+  config.manual_dir = str(root)
+  config.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config.image_size = IMAGE_SIZE
+  config.num_epochs = 1
+  return config
+
+
+def test_a_file_becomes_the_pixels_training_reads_for_it(folder_config):
+  builder = input_pipeline.prepared_builder(folder_config)
+  assert builder.info.features['image'].shape[0] == STORED
+  stored = list(tfds.as_numpy(builder.as_dataset(split='test', shuffle_files=False)))
+  data = input_pipeline.load_data(folder_config)
+  assert data.stored_image_size == STORED
+  root = folder_config.manual_dir
+  for example, trained_on in zip(stored, data.test.images):
+    path = f'{root}/{example["file_name"].decode()}'
+    # Step 1 gives what the builder stored (PNG is lossless), both steps what training read.
+    np.testing.assert_array_equal(preprocessing.decode_image(path, STORED).pixels, example['image'])
+    np.testing.assert_array_equal(preprocessing.model_input(path, STORED, IMAGE_SIZE), trained_on)
+
+
+def _read_csv(path):
+  with open(path, newline='') as f:
+    reader = csv.DictReader(f)
+    return reader.fieldnames, list(reader)
+
+
+def test_inference_on_the_test_files_equals_evaluate_on_the_test_split(folder_config, tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(folder_config, str(workdir))
+  evaluate.main(['--workdir', str(workdir), '--split', 'test', '--output_dir', str(tmp_path / 'eval')])
+  inference.main(['--workdir', str(workdir), '--output', str(tmp_path / 'preds.csv'),
+                  f'{folder_config.manual_dir}/Test'])
+  eval_columns, eval_rows = _read_csv(tmp_path / 'eval' / evaluation.PREDICTIONS_CSV)
+  file_columns, file_rows = _read_csv(tmp_path / 'preds.csv')
+  probability_columns = [f'p_{name}' for name in CLASSES]
+  assert eval_columns == ['file', 'label', 'predicted_class', 'melanoma_probability', *probability_columns]
+  assert set(eval_columns) - {'label'} <= set(file_columns)
+  assert len(eval_rows) == len(file_rows) == 2 * len(CLASSES)
+  by_file = {row['file'][len(folder_config.manual_dir) + 1:]: row for row in file_rows}
+  for row in eval_rows:
+    assert row['label'] == row['file'].split('/')[1]
+    predicted = by_file[row['file']]
+    np.testing.assert_allclose([float(predicted[c]) for c in probability_columns],
+                               [float(row[c]) for c in probability_columns], atol=1e-5)
+    assert predicted['predicted_class'] == row['predicted_class']
+  # The training run's own final evaluation writes the same file for Test.
+  _, final_rows = _read_csv(workdir / evaluation.PREDICTIONS_CSV)
+  assert final_rows == eval_rows
