@@ -90,12 +90,9 @@ def training_memory_bytes(config: ml_collections.ConfigDict, state_fn: Callable[
   `state_fn` builds the train state; it is only traced (`jax.eval_shape`).
   """
   state = jax.eval_shape(state_fn)
-  variables = {'params': state.params}
-  if state.batch_stats:  # models without BatchNorm have none
-    variables['batch_stats'] = state.batch_stats
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), 'uint8')
   _, captured = jax.eval_shape(lambda v, x: state.model.apply(
-      v, x, train=False, capture_intermediates=True, mutable=['intermediates']), variables, image)
+      v, x, train=False, capture_intermediates=True, mutable=['intermediates']), state.variables, image)
   per_device_batch = max(1, config.batch_size // jax.device_count())
   activations = _nbytes(captured) * per_device_batch * ACTIVATION_COPIES
   state_bytes = _nbytes(state)
