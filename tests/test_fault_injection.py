@@ -251,6 +251,7 @@ def test_inference_csv_cells_cannot_be_formulas(tmp_path):
     assert next(csv.DictReader(f))['file'] == '\'=HYPERLINK("http://x").png'
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_unreadable_checkpoint_for_inference_names_it_and_the_alternatives(reference, tmp_path):
   workdir = _copy(reference[0], tmp_path)
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
