@@ -60,11 +60,12 @@ def main(argv: list[str]) -> None:
       try:
         # TFDS removes its half-written folder when Stopped unwinds through it.
         with preemption.stop_on_sigterm():
-          builder = input_pipeline.prepared_builder(FLAGS.config)
+          for dataset in input_pipeline.combined_sources(FLAGS.config.dataset):
+            builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
+            logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       except preemption.Stopped:
         logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
         return
-      logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       return
     if not workdir:
       raise app.UsageError('--workdir is required to train.')

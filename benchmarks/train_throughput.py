@@ -120,7 +120,8 @@ def _keras_seed_cnn(keras, input_shape, num_classes):
 # block, ours in the 3x3 as torchvision's): the same layers and parameter count.
 _KERAS_MODELS = {
     'seed_cnn': _keras_seed_cnn,
-    'resnet50': lambda keras, shape, n: keras.applications.ResNet50(weights=None, input_shape=shape, classes=n),
+    'resnet50': lambda keras, shape, n: keras.applications.ResNet50(
+        weights=None, input_shape=shape, classes=n, classifier_activation=None),
     'efficientnet_b0': lambda keras, shape, n: keras.applications.EfficientNetB0(
         weights=None, input_shape=shape, classes=n, classifier_activation=None),
 }

@@ -31,6 +31,14 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
   config.val_fraction = 0.2
+  # Datasets published without test labels (isic2019, isic2020, ham10000
+  # without the ISIC 2018 test set) carve Test from train, by group.
+  config.test_fraction = 0.15
+  # Several datasets combine with '+' ('isic2019+isic2020'): labels in the
+  # common vocabulary, classes their union. Each training example is drawn
+  # from a source with these weights ('isic2019:1,isic2020:0.5'); '' draws
+  # from the union as one dataset.
+  config.source_weights = ''
   # Grouped, stratified k-fold cross-validation: with num_folds=K (>= 2),
   # validation is fold `fold` (0..K-1) of Train instead of val_fraction of
   # it; `launch.py --all_folds` trains every fold. 0: no folds.
@@ -69,6 +77,11 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   # Compute dtype. 'bfloat16' is mixed precision for GPU and TPU: parameters,
   # optimizer state and the loss stay float32. Slow on most CPUs.
   config.model.dtype = 'float32'
+  # Age, sex and anatomical site joined to the image features (datasets that
+  # have them: ham10000, isic2019, isic2020; unknown elsewhere). In training
+  # an example's metadata is hidden with probability metadata_dropout.
+  config.model.metadata = False
+  config.model.metadata_dropout = 0.3
 
   # Optimisation. batch_size is global: split evenly over all devices.
   config.batch_size = 32

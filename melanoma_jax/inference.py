@@ -13,7 +13,7 @@ the 8 flips and rotations of each image.
 import json
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from melanoma_jax import runtime
@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from melanoma_jax import cli, ensemble, evaluation, preprocessing, steps
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import metadata as metadata_lib
+from melanoma_jax.datasets import image_folders, tables
 
 
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -57,7 +58,8 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
-                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None
+                  batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
+                  metadata: Mapping[str, np.ndarray] | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
   """(file, class probabilities or None, error or None) per file, in order.
 
@@ -65,6 +67,8 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
   default `image_size`) and resized as training resized them
   (`preprocessing.model_input`). They are decoded a batch at a time; every
   batch is padded to `batch_size`, so the jitted predict compiles once.
+  `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
+  a metadata branch; a file it lacks has unknown metadata.
   """
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
@@ -74,7 +78,12 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
       images[i] = decoded[i][0]
-    probs = np.asarray(predict(state, images)) if readable else None
+    encoded = None
+    if metadata is not None:
+      encoded = metadata_lib.unknown(batch_size)
+      for i, path in enumerate(chunk):
+        encoded[i] = metadata.get(tables.image_key(path.name), encoded[i])
+    probs = np.asarray(predict(state, images, encoded)) if readable else None
     for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
       yield path, (None if error else probs[i]), error
 
@@ -131,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=cli.positive_int, default=32)
+  parser.add_argument('--metadata_csv', default=None,
+                      help='Age, sex and site per image, for runs trained with model.metadata '
+                           '(default: metadata.csv in a PATH folder, if there).')
   parser.add_argument('--threshold', type=cli.probability, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
@@ -148,9 +160,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
+  metadata_csv = args.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
+      None)
+  metadata = None
+  if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
+    metadata = metadata_lib.read_csv(metadata_csv)
+  elif args.metadata_csv is not None:
+    print(f'Warning: this run has no metadata branch; {args.metadata_csv} is not used.',
+          file=sys.stderr)
   _write_results(args, class_names, threshold, predict_files(
-      state, files, config.image_size, args.batch_size, args.tta, cli.stored_image_size(config, meta)),
-                 step=int(state.step))
+      state, files, config.image_size, args.batch_size, args.tta, cli.stored_image_size(config, meta),
+      metadata), step=int(state.step))
 
 
 def _write_results(args, class_names: Sequence[str], threshold: float | None, results,

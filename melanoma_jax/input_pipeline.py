@@ -26,29 +26,43 @@ from absl import logging
 from etils import epath
 
 from melanoma_jax import datasets, preprocessing
+from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
 from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import tables, vocabulary
 
 # Importing the builder modules registers them with TFDS.
 from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
+from melanoma_jax.datasets import ham10000, isic2019, isic2020  # noqa: F401  pylint: disable=unused-import
+
+# Test is carved from train with this seed, not config.seed, so every run
+# (any seed, any fold) is tested on the same images.
+TEST_CARVE_SEED = 0
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """One split in memory: images [N, H, W, 3] uint8 and integer labels [N]."""
+  """One split in memory: images [N, H, W, 3] uint8 and integer labels [N].
+
+  `extras` holds further per-example arrays [N]: the metadata features of
+  builders that have them (`datasets.METADATA_FEATURES`) and, for combined
+  datasets, `source` (index into `Data.sources`).
+  """
   images: np.ndarray
   labels: np.ndarray
   file_names: np.ndarray
   group_ids: np.ndarray
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def take(self, indices: np.ndarray) -> 'Examples':
     return Examples(self.images[indices], self.labels[indices],
-                    self.file_names[indices], self.group_ids[indices])
+                    self.file_names[indices], self.group_ids[indices],
+                    {k: v[indices] for k, v in self.extras.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,32 +77,30 @@ class Data:
   test: Examples
   class_names: tuple[str, ...]
   stored_image_size: int | None = None
+  sources: tuple[str, ...] = ()  # The datasets combined, when config.dataset names several.
 
 
-def prepared_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `config.dataset`, prepared once on first use."""
+def prepared_builder(config: ml_collections.ConfigDict,
+                     dataset: str | None = None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `dataset` (default `config.dataset`), prepared once on first use."""
+  dataset = dataset or config.dataset
   # image_folder discovers its class names from the tree when constructed;
   # once prepared it needs no tree (evaluating a run after the tree moved).
-  kwargs = {'manual_dir': config.manual_dir} if config.dataset.startswith('image_folder') else {}
+  kwargs = {'manual_dir': config.manual_dir} if dataset.startswith('image_folder') else {}
+  tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
   try:
     try:
-      builder = tfds.builder(config.dataset, data_dir=config.data_dir,
-                             **({} if _tree_missing(config) else kwargs))
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **({} if tree_missing else kwargs))
     except image_folders.DatasetLayoutError:
-      if not _tree_missing(config):
+      if not tree_missing:
         raise
-      builder = tfds.builder(config.dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f'Unknown dataset {config.dataset!r} (config.dataset). {e}') from e
+    raise DataError(f'Unknown dataset {dataset!r} (config.dataset). {e}') from e
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
   return builder
-
-
-def _tree_missing(config: ml_collections.ConfigDict) -> bool:
-  return (config.dataset.startswith('image_folder') and bool(config.manual_dir)
-          and not epath.Path(config.manual_dir).exists())
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:
@@ -113,7 +125,9 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   file_names = text('file_name')
   # An image with no known lesion or patient is a group of its own.
   group_ids = np.where(cat('group_id') == b'', file_names, text('group_id'))
-  return Examples(cat('image'), cat('label').astype(np.int32), file_names, group_ids)
+  extras = {k: cat(k).astype(np.float32) if k == 'age' else np.array([v.decode() for v in cat(k)])
+            for k in datasets.METADATA_FEATURES if k in parts[0]}
+  return Examples(cat('image'), cat('label').astype(np.int32), file_names, group_ids, extras)
 
 
 def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: float,
@@ -167,12 +181,134 @@ def assign_folds(labels: np.ndarray, group_ids: np.ndarray, num_folds: int, seed
   return group_fold[inverse.reshape(-1)]
 
 
-def load_data(config: ml_collections.ConfigDict) -> Data:
-  """Reads Train and Test, maps labels to the task, splits off validation."""
-  builder = prepared_builder(config)
+def carve_test(examples: Examples, test_fraction: float) -> tuple[Examples, Examples]:
+  """(train, test) of a dataset published without test labels: whole groups, stratified."""
+  if not 0 < test_fraction < 1:
+    raise DataError(f'config.test_fraction={test_fraction} must be in (0, 1): this dataset has no '
+                    'test split, so Test is carved from train.')
+  train_idx, test_idx = split_by_group(examples.labels, examples.group_ids, test_fraction,
+                                       TEST_CARVE_SEED)
+  logging.info('No test split: Test is %d images carved from train by group (test_fraction=%s).',
+               len(test_idx), test_fraction)
+  return examples.take(train_idx), examples.take(test_idx)
+
+
+def _single_splits(config: ml_collections.ConfigDict, dataset: str
+                   ) -> tuple[Examples, Examples, tuple[str, ...], int]:
+  """(train, test, class names, stored image size) of one dataset; Test carved if unpublished."""
+  builder = prepared_builder(config, dataset)
   class_names = tuple(builder.info.features['label'].names)
   train_full = _read_split(builder, 'train', config.image_size)
-  test = _read_split(builder, 'test', config.image_size)
+  if 'test' not in builder.info.splits and getattr(builder, 'TEST_FROM_TRAIN', False):
+    train_full, test = carve_test(train_full, config.test_fraction)
+  else:
+    test = _read_split(builder, 'test', config.image_size)
+  return train_full, test, class_names, builder.info.features['image'].shape[0]
+
+
+def combined_sources(dataset: str) -> tuple[str, ...]:
+  """The datasets `config.dataset` names: 'isic2019+isic2020' -> ('isic2019', 'isic2020')."""
+  names = tuple(name.strip() for name in dataset.split('+'))
+  if not all(names) or len(set(names)) != len(names):
+    raise DataError(f'config.dataset={dataset!r}: name each dataset once, joined by "+", '
+                    "e.g. 'isic2019+isic2020'.")
+  return names
+
+
+def _concat(parts: list[Examples]) -> Examples:
+  """One split of several sources; metadata features any source lacks are unknown there."""
+  keys = set().union(*(p.extras for p in parts))
+  extras = {}
+  for key in keys:
+    columns = [p.extras.get(key, np.full(len(p), tables.MISSING_METADATA.get(key, '')))
+               for p in parts]
+    extras[key] = np.concatenate(columns)
+    if key == 'age':
+      extras[key] = extras[key].astype(np.float32)
+  cat = lambda attribute: np.concatenate([getattr(p, attribute) for p in parts])
+  return Examples(cat('images'), cat('labels'), cat('file_names'), cat('group_ids'), extras)
+
+
+def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
+                     ) -> tuple[Examples, Examples, tuple[str, ...], int]:
+  """(train, test, class names, stored size) of several datasets in the common class vocabulary.
+
+  Labels map to `vocabulary.COMMON_CLASSES`; the classes are the union of
+  the sources'. An image id already taken from an earlier source is dropped
+  (ISIC 2019 contains HAM10000), so no image can be on both sides of a split.
+  Each example's source index is in `extras['source']`.
+  """
+  loaded = [_single_splits(config, name) for name in sources]
+  try:
+    common = {name: [vocabulary.to_common(name, c) for c in classes]
+              for name, (_, _, classes, _) in zip(sources, loaded)}
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  names = vocabulary.common_classes({c for classes in common.values() for c in classes})
+  seen, trains, tests = set(), [], []
+  stored_sizes = {name: size for name, (*_, size) in zip(sources, loaded)}
+  if len(set(stored_sizes.values())) > 1:
+    raise DataError(f'Datasets combined in config.dataset are stored at different sizes '
+                    f'{stored_sizes}; prepare them at one size, as prediction decodes at one.')
+  for index, (name, (train, test, _, _)) in enumerate(zip(sources, loaded)):
+    to_union = np.array([names.index(c) for c in common[name]], np.int32)
+    for split, out in ((train, trains), (test, tests)):
+      keys = [tables.image_key(f) for f in split.file_names]
+      keep = np.array([k not in seen for k in keys], bool)
+      seen.update(keys)
+      if not keep.all():
+        logging.info('%s: %d images already in an earlier dataset left out.', name, (~keep).sum())
+      split = split.take(np.flatnonzero(keep))
+      out.append(dataclasses.replace(split, labels=to_union[split.labels], extras={
+          **split.extras, 'source': np.full(len(split), index, np.int32)}))
+  logging.info('Combined %s: %d classes %s.', '+'.join(sources), len(names), names)
+  return _concat(trains), _concat(tests), names, loaded[0][3]
+
+
+def source_weights(config: ml_collections.ConfigDict) -> np.ndarray:
+  """Normalised sampling weights per source from 'name:weight,...' (config.source_weights)."""
+  sources = combined_sources(config.dataset)
+  weights = {}
+  for item in config.source_weights.split(','):
+    name, _, value = item.partition(':')
+    try:
+      weights[name.strip()] = float(value)
+    except ValueError:
+      raise DataError(f'config.source_weights={config.source_weights!r}: write name:weight pairs, '
+                      f"e.g. '{sources[0]}:1,{sources[-1]}:0.5'.") from None
+  if set(weights) != set(sources) or min(weights.values()) < 0 or not sum(weights.values()):
+    raise DataError(f'config.source_weights={config.source_weights!r} must give a weight >= 0 to '
+                    f'each of {list(sources)} (config.dataset), some above 0.')
+  total = sum(weights.values())
+  return np.array([weights[name] / total for name in sources])
+
+
+def _source_index_stream(train: Examples, config: ml_collections.ConfigDict,
+                         seed: int) -> tf.data.Dataset:
+  """Endless indices drawing each source with its weight; classes balanced within a source if asked."""
+  weights = source_weights(config)
+  streams, kept = [], []
+  for index, weight in enumerate(weights):
+    members = np.flatnonzero(train.extras['source'] == index)
+    if not weight:
+      continue
+    if not len(members):
+      raise DataError(f'config.source_weights gives {combined_sources(config.dataset)[index]} a '
+                      'weight, but none of its images is in the training split.')
+    present, local = np.unique(train.labels[members], return_inverse=True)
+    stream = _index_stream(local, config.balance_classes, len(present), seed + 7919 * (index + 1))
+    streams.append(stream.map(lambda i, m=tf.constant(members, tf.int64): tf.gather(m, i)))
+    kept.append(float(weight))
+  return tf.data.Dataset.sample_from_datasets(streams, weights=kept, seed=seed)
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Reads Train and Test, maps labels to the task, splits off validation."""
+  sources = combined_sources(config.dataset)
+  if len(sources) > 1:
+    train_full, test, class_names, stored_size = _combined_splits(config, sources)
+  else:
+    train_full, test, class_names, stored_size = _single_splits(config, config.dataset)
   if config.task == 'melanoma_vs_rest':
     if datasets.MELANOMA not in class_names:
       raise DataError(f'task=melanoma_vs_rest needs a {datasets.MELANOMA!r} class; '
@@ -203,7 +339,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     train_idx, val_idx = split_by_group(train_full.labels, train_full.group_ids,
                                         config.val_fraction, config.seed)
   return Data(train_full.take(train_idx), train_full.take(val_idx), test, class_names,
-              builder.info.features['image'].shape[0])
+              stored_image_size=stored_size, sources=sources if len(sources) > 1 else ())
 
 
 def host_shard(examples: Examples) -> Examples:
@@ -297,6 +433,8 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
   seed = config.seed * 1_000_003 + epoch
   images = tf.constant(train.images)
   labels = tf.constant(train.labels)
+  encoded_metadata = (tf.constant(metadata_lib.from_extras(train.extras, len(train)))
+                      if config.model.get('metadata') else None)
 
   def mine(position, index):
     del index
@@ -306,9 +444,15 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     image = tf.gather(images, index)
     if config.augment.enabled:
       image = _augment(image, tf.stack([tf.constant(seed, tf.int64), position]), config.augment)
-    return {'image': image, 'label': tf.gather(labels, index)}
+    if encoded_metadata is None:
+      return {'image': image, 'label': tf.gather(labels, index)}
+    return {'image': image, 'label': tf.gather(labels, index),
+            'metadata': tf.gather(encoded_metadata, index)}
 
-  ds = _index_stream(train.labels, config.balance_classes, num_classes, seed)
+  if 'source' in train.extras and config.get('source_weights'):
+    ds = _source_index_stream(train, config, seed)
+  else:
+    ds = _index_stream(train.labels, config.balance_classes, num_classes, seed)
   ds = ds.take(num_steps * config.batch_size).enumerate().skip(skip_steps * config.batch_size)
   if hosts > 1:
     ds = ds.filter(mine)
@@ -335,6 +479,8 @@ def eval_batches(examples: Examples, global_batch_size: int) -> Iterator[Batch]:
   pad = lambda x: np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
   arrays = {'image': pad(mine.images), 'label': pad(mine.labels),
             'mask': pad(np.ones(len(mine), np.int32))}
+  if 'age' in mine.extras:  # Models that take metadata use it; others ignore it.
+    arrays['metadata'] = pad(metadata_lib.from_extras(mine.extras, len(mine)))
   for b in range(num_batches):
     yield {k: v[b * local_batch:(b + 1) * local_batch].reshape(devices, local_batch // devices, *v.shape[1:])
            for k, v in arrays.items()}

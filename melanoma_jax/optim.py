@@ -89,17 +89,21 @@ def keras_plateau(learning_rate: float, factor: float, patience: int,
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """config.schedule: 'constant', or 'warmup_cosine' (linear from 0, then cosine to final_fraction x)."""
+  """config.schedule: 'constant', or 'warmup_cosine' (linear from 0, then cosine to final_fraction x).
+
+  A run no longer than its warmup (e.g. a short trial of a recipe) only warms up.
+  """
   sched = config.get('schedule') or ml_collections.ConfigDict({'name': 'constant'})
   if sched.name == 'constant':
     return optax.constant_schedule(config.learning_rate)
   if sched.name != 'warmup_cosine':
     raise ConfigError(f"config.schedule.name must be 'constant' or 'warmup_cosine', got {sched.name!r}.")
   total = config.num_epochs * steps_per_epoch
+  if sched.warmup_epochs < 0:
+    raise ConfigError(f'config.schedule.warmup_epochs={sched.warmup_epochs} must be >= 0.')
   warmup = int(round(sched.warmup_epochs * steps_per_epoch))
-  if not 0 <= warmup < total:
-    raise ConfigError(f'config.schedule.warmup_epochs={sched.warmup_epochs} must be in [0, '
-                     f'num_epochs={config.num_epochs}).')
+  if warmup >= total:  # a run no longer than its warmup only warms up
+    return optax.linear_schedule(0.0, config.learning_rate, total)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total,
       end_value=config.learning_rate * sched.final_fraction)

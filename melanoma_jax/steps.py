@@ -113,6 +113,11 @@ def _dropout_rng(state: TrainState, axis_name: str | None) -> jax.Array:
   return rng
 
 
+def _inputs(model: nn.Module, images: jax.Array, metadata: jax.Array | None) -> tuple:
+  """The model's positional inputs: metadata too for models that take it (`uses_metadata`)."""
+  return (images, metadata) if getattr(model, 'uses_metadata', False) else (images,)
+
+
 def train_step(state: TrainState, batch: Batch,
                axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """One optimizer step on this device's share of the global batch."""
@@ -121,7 +126,8 @@ def train_step(state: TrainState, batch: Batch,
 
   def loss_fn(params):
     logits, model_state = model.apply(
-        {'params': params, **state.model_state}, batch['image'],
+        {'params': params, **state.model_state},
+        *_inputs(model, batch['image'], batch.get('metadata')),
         train=True, rngs={'dropout': _dropout_rng(state, axis_name)},
         mutable=list(state.model_state))
     loss = (state.loss or head_loss)(logits, labels)
@@ -155,13 +161,14 @@ def train_step(state: TrainState, batch: Batch,
   return new_state, metrics
 
 
-def _eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
-  return state.model.apply(state.variables, images, train=False)
+def _eval_logits(state: TrainState, images: jax.Array,
+                 metadata: jax.Array | None = None) -> jax.Array:
+  return state.model.apply(state.variables, *_inputs(state.model, images, metadata), train=False)
 
 
-def predict(state: TrainState, images: jax.Array) -> jax.Array:
-  """Class probabilities [batch, classes] in evaluation mode."""
-  return head_probabilities(_eval_logits(state, images))
+def predict(state: TrainState, images: jax.Array, metadata: jax.Array | None = None) -> jax.Array:
+  """Class probabilities [batch, classes] in evaluation mode (metadata: see `metadata.py`)."""
+  return head_probabilities(_eval_logits(state, images, metadata))
 
 
 def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -170,7 +177,7 @@ def predict_with_loss(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.A
   The loss comes from the logits, so it stays finite where a probability
   underflows to 0.
   """
-  logits = _eval_logits(state, batch['image'])
+  logits = _eval_logits(state, batch['image'], batch.get('metadata'))
   return head_probabilities(logits), head_loss(logits, batch['label'])
 
 
@@ -180,10 +187,11 @@ def dihedral(images: jax.Array, k: int) -> jax.Array:
   return jnp.flip(rotated, axis=2) if k >= 4 else rotated
 
 
-def predict_tta(state: TrainState, images: jax.Array) -> jax.Array:
+def predict_tta(state: TrainState, images: jax.Array, metadata: jax.Array | None = None) -> jax.Array:
   """Class probabilities averaged over the 8 dihedral transforms: lesions have no orientation."""
   batch = images.shape[0]
-  probs = predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]))
+  metadata = None if metadata is None else jnp.tile(metadata, (8, 1))
+  probs = predict(state, jnp.concatenate([dihedral(images, k) for k in range(8)]), metadata)
   return jnp.mean(probs.reshape(8, batch, -1), axis=0)
 
 
@@ -197,7 +205,7 @@ def predict_with_loss_tta(state: TrainState, batch: Batch) -> tuple[jax.Array, j
 def eval_step(state: TrainState, batch: Batch,
               axis_name: str | None = None) -> Metrics:
   """Metrics of one evaluation batch; `batch['mask']` zeroes padding."""
-  logits = _eval_logits(state, batch['image'])
+  logits = _eval_logits(state, batch['image'], batch.get('metadata'))
   predicted = jnp.argmax(head_probabilities(logits), axis=-1)
   return _metrics(head_loss(logits, batch['label']), predicted, batch['label'], batch['mask'].astype(jnp.float32),
                   max(state.num_outputs, 2), axis_name)

@@ -22,6 +22,7 @@ from melanoma_jax import datasets
 from melanoma_jax import (checkpointing, config_checks, distributed, evaluation, input_pipeline, losses,
                           metrics as metrics_lib, model_summary, models, optim, preemption, reporting,
                           steps, workdir_lock)
+from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -84,6 +85,9 @@ def build_state(config: ml_collections.ConfigDict, outputs: int, steps_per_epoch
   BatchNorm momentum, and class weights.
   """
   model = models.build(config.model, outputs, steps_per_epoch)
+  if config.model.get('metadata'):
+    model = metadata_lib.MetadataModel(model, num_classes=outputs, dtype=model.dtype,
+                                       feature_dropout=config.model.metadata_dropout)
   return steps.create_train_state(jax.random.key(config.seed), model,
                                   optim.make_optimizer(config, steps_per_epoch or 1),
                                   (config.image_size, config.image_size, 3),

@@ -32,12 +32,15 @@ def _randomise_batch_norm(model, rng):
 
 
 def _save(model, directory):
-  """The model's weights as a Keras 3 .weights.h5 and a legacy .h5 (keras.applications' format)."""
+  """The model as a Keras 3 .weights.h5, a legacy weights .h5 (keras.applications' format)
+  and a legacy whole-model .h5."""
   from keras.src.legacy.saving import legacy_h5_format  # pylint: disable=g-import-not-at-top
-  paths = {'weights.h5': directory / 'b0.weights.h5', 'h5': directory / 'b0.h5'}
+  paths = {'weights.h5': directory / 'b0.weights.h5', 'h5': directory / 'b0.h5',
+           'model.h5': directory / 'b0_model.h5'}
   model.save_weights(paths['weights.h5'])
   with h5py.File(paths['h5'], 'w') as file:
     legacy_h5_format.save_weights_to_hdf5_group(file, model)
+  legacy_h5_format.save_model_to_hdf5(model, paths['model.h5'], include_optimizer=False)
   return paths
 
 
@@ -64,7 +67,7 @@ def _forward(variables, images, num_classes, width=1.0, depth=1.0):
   return _jitted_apply(num_classes, width, depth)(variables, images)
 
 
-@pytest.mark.parametrize('file_format', ['h5', 'weights.h5'])
+@pytest.mark.parametrize('file_format', ['h5', 'weights.h5', 'model.h5'])
 def test_keras_logits_equal(keras_b0, file_format):
   paths, images, logits = keras_b0
   module, variables = models.load_pretrained('efficientnet_b0', paths[file_format])

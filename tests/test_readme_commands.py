@@ -1,12 +1,13 @@
 """Every command the README shows, run as a new user types it, from a fresh directory.
 
 Each `python launch.py ...` and `python -m melanoma_jax....` command of
-README.md's shell blocks runs in a temporary current directory holding only
+README.md's shell blocks (```bash and plain ```) runs in a temporary current directory holding only
 what a clone has there (launch.py and configs/, linked), with relative
 paths exactly as written. Allowed changes: size overrides appended to
-training commands (a tiny dataset, one epoch, 32 px), optional `[...]` parts
+training commands (a tiny dataset, one epoch, 32 px, unless the command sets
+its own), optional `[...]` parts
 included with their placeholders filled in, and input files made under the
-names the README uses (PATH, ROOT, lesions/, extra.jpg, lesion.jpg). The
+names the README uses (PATH, ROOT, DOWNLOADS, lesions/, extra.jpg, lesion.jpg). The
 environment is a user's: no XLA flags, TensorFlow log level or glibc
 tunables of the test process. Each command must exit 0, leave the outputs the
 README says it leaves, and print none of TensorFlow's start-up banners.
@@ -26,6 +27,7 @@ from PIL import Image
 
 from melanoma_jax import runtime
 from melanoma_jax.datasets import ISIC_CLASSES, isic_skin_cancer
+import field_fixtures
 from test_real_builders import _tree
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,7 +36,11 @@ TIMEOUT = 300  # seconds per command; a hang fails the test
 # Appended to training commands (never to --mode=prepare): a tiny run.
 SIZE_OVERRIDES = ('--config.num_epochs=1', '--config.image_size=32', '--config.batch_size=8')
 TINY_SYNTHETIC = '--config.dataset=synthetic_lesions/tiny'
+# Recipes whose learning-rate warmup needs their own epoch count (3 with :synthetic).
+KEEP_EPOCHS = ('configs/finetune.py',)
 FOLDER_CLASSES = ('melanoma', 'nevus', 'seborrheic keratosis')
+# The inputs the README's prediction commands name (made by `sandbox`) and the images each holds.
+INPUT_IMAGES = {'lesions/': ['lesions/a.jpg', 'lesions/more/b.PNG'], 'extra.jpg': ['extra.jpg']}
 SKIPPED = {  # What a command needs that a test machine lacks.
     'gs://': 'needs a Cloud TPU VM slice and a gs:// bucket',
     '--distributed': 'needs a cluster (Cloud TPU VM or SLURM) for the other processes to be found',
@@ -43,10 +49,26 @@ SKIPPED = {  # What a command needs that a test machine lacks.
 }
 
 
+def _shell_blocks(text: str) -> list[str]:
+  """The contents of the fenced blocks marked bash, sh or nothing."""
+  blocks, current, shell = [], None, False
+  for line in text.splitlines():
+    if not line.startswith('```'):
+      if current is not None:
+        current.append(line)
+    elif current is None:
+      current, shell = [], line[3:].strip() in ('', 'bash', 'sh', 'shell')
+    else:
+      if shell:
+        blocks.append('\n'.join(current))
+      current = None
+  return blocks
+
+
 def readme_commands() -> list[str]:
-  """The README's launch.py and melanoma_jax commands, in order, continuation lines joined."""
+  """The launch.py and melanoma_jax commands of the README's shell blocks, in order, lines joined."""
   commands = []
-  for block in re.findall(r'```bash\n(.*?)```', README.read_text(), re.S):
+  for block in _shell_blocks(README.read_text()):
     for line in re.sub(r'\\\n\s*', ' ', block).splitlines():
       commands += [m.group(0).strip() for m in re.finditer(
           r'python (?:launch\.py|-m melanoma_jax\.\w+)\b[^&"#\n]*', line)]
@@ -60,7 +82,13 @@ def workdir_outputs() -> list[str]:
 
 
 def _flag(tokens: list[str], name: str) -> str | None:
-  return next((t.split('=', 1)[1] for t in tokens if t.startswith(f'--{name}=')), None)
+  """The value of --name=VALUE or --name VALUE (the first, for a flag given several)."""
+  for i, token in enumerate(tokens):
+    if token.startswith(f'--{name}='):
+      return token.split('=', 1)[1]
+    if token == f'--{name}' and i + 1 < len(tokens):
+      return tokens[i + 1]
+  return None
 
 
 @pytest.fixture(scope='module')
@@ -78,6 +106,8 @@ def sandbox(tmp_path_factory) -> pathlib.Path:
   image(cwd / 'lesions' / 'more' / 'b.PNG', (300, 280, 3))
   image(cwd / 'extra.jpg', (40, 40, 3))
   image(cwd / 'lesion.jpg', (90, 70, 3))
+  (cwd / 'lesions' / 'metadata.csv').write_text('image,age,sex,site\na,45,female,torso\n')
+  field_fixtures.write_downloads(cwd / 'DOWNLOADS')
   return cwd
 
 
@@ -100,13 +130,16 @@ class User:
       # The README command that trains this run comes first.
       self.run(next(c for c in readme_commands() if c.startswith('python launch.py')
                     and _flag(shlex.split(c), 'workdir') == workdir))
-      if (cwd / workdir / 'checkpoints').exists():  # Not a cross-validation run (its folds have them).
+      if any(t.endswith('=N]') for t in tokens):
         steps = sorted(int(p.name) for p in (cwd / workdir / 'checkpoints').iterdir() if p.name.isdigit())
-        tokens = [t.replace('=N', f'={steps[-1]}') for t in tokens]
+        tokens = [t.replace('=N]', f'={steps[-1]}]') for t in tokens]
     tokens = [t.strip('[]') for t in tokens]  # Optional parts included.
     if module is None and _flag(tokens, 'mode') != 'prepare':
       synthetic = _flag(tokens, 'config').endswith(':synthetic')
-      tokens += [*SIZE_OVERRIDES, *([TINY_SYNTHETIC] if synthetic else [])]
+      tokens += [flag for flag in (*SIZE_OVERRIDES, *([TINY_SYNTHETIC] if synthetic else []))
+                 if not _flag(tokens, flag[2:].split('=')[0])  # the command's own size stays
+                 and not (flag.startswith('--config.num_epochs=') and _flag(tokens, 'config').startswith(
+                     KEEP_EPOCHS))]
     proc = subprocess.run([sys.executable, *tokens[1:]], cwd=cwd, env=self.env, capture_output=True,
                           text=True, timeout=TIMEOUT, check=False)
     output = proc.stdout + proc.stderr
@@ -142,13 +175,16 @@ def _check_outputs(tokens: list[str], output: str, user: User) -> None:
         assert (workdir / f'fold_{fold}' / name).exists(), f'{name} missing from {workdir}/fold_{fold}'
     assert f'CV report: {workdir / "cv_report.md"}' in output
   elif module is None:
-    for name in workdir_outputs():
-      assert (workdir / name).exists(), f'{name} missing from {workdir}'
+    # A cross-validation run is one ordinary run per fold.
+    runs = sorted(workdir.glob('fold_*')) or [workdir]
+    for run in runs:
+      for name in workdir_outputs():
+        assert (run / name).exists(), f'{name} missing from {run}'
     assert re.search(r'Test: test_loss=\S+ test_accuracy=', output)
-    assert f'Report: {workdir / "report.md"}' in output  # Absolute: where it really went.
+    assert any(f'Report: {run / "report.md"}' in output for run in runs)  # Absolute: where it went.
   elif module == 'melanoma_jax.evaluate':
-    out = (cwd / _flag(tokens, 'output_dir') if _flag(tokens, 'output_dir') else
-           workdir / 'evaluation' / f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}')
+    out = (cwd / _flag(tokens, 'output_dir') if _flag(tokens, 'output_dir') else workdir / 'evaluation' /
+           (f'{_flag(tokens, "split")}-step{_flag(tokens, "step")}' + ('-tta' if '--tta' in tokens else '')))
     for name in ('report.md', 'report.json', 'predictions.csv', 'confusion_matrix.png', 'roc_curves.png',
                  'reliability.png'):
       assert (out / name).exists(), f'{name} missing from {out}'
@@ -156,7 +192,7 @@ def _check_outputs(tokens: list[str], output: str, user: User) -> None:
     csv = cwd / _flag(tokens, 'output')
     header, *rows = [row.split(',') for row in csv.read_text().splitlines()]
     assert header[:4] == ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert']
-    assert sorted(row[0] for row in rows) == ['extra.jpg', 'lesions/a.jpg', 'lesions/more/b.PNG']
+    assert sorted(row[0] for row in rows) == sorted(sum((INPUT_IMAGES.get(t, []) for t in tokens), []))
     assert all(row[header.index('error')] == '' for row in rows)
     if '--json' in tokens:
       assert csv.with_suffix('.json').exists()

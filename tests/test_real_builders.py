@@ -313,7 +313,8 @@ def test_failed_preparation_leaves_nothing_behind(isic_archive, tmp_path, monkey
   builder = tfds.builder('isic_skin_cancer', data_dir=tmp_path, config=_small_config())
   with pytest.raises(RuntimeError, match='disk on fire'):
     _prepare(builder, manual_dir=isic_archive)
-  assert len(calls) == train_files + 4 and calls[-1].parent.parent.name == 'Test'
+  # Decoding runs ahead on threads, so a few more Test images may have been read.
+  assert calls[train_files + 3].parent.parent.name == 'Test'
   assert not builder.is_prepared()
   assert not builder.data_path.exists()
   # Only TFDS's default-config marker (written before generation) remains.

@@ -8,8 +8,16 @@ know which dataset it reads:
 - ``file_name``: the source file (or synthetic id), for traceability;
 - ``group_id``: the lesion or patient the image belongs to ("" when unknown),
   so train/validation splits can keep a group on one side.
+
+Builders of datasets with patient metadata (HAM10000, ISIC 2019, SIIM-ISIC
+2020) add, in the vocabulary of `datasets.vocabulary`:
+
+- ``age``: float32 years, -1 when unknown;
+- ``sex``: 'female', 'male' or '' (unknown);
+- ``site``: the anatomical site, one of `vocabulary.SITES` or '' (unknown).
 """
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 ISIC_CLASSES = (
@@ -39,11 +47,19 @@ ISIC_TRAIN_COUNTS = {
 }
 
 
-def lesion_features(class_names: tuple[str, ...], image_size: int) -> tfds.features.FeaturesDict:
+METADATA_FEATURES = ('age', 'sex', 'site')
+
+
+def lesion_features(class_names: tuple[str, ...], image_size: int,
+                    metadata: bool = False) -> tfds.features.FeaturesDict:
   """The feature spec shared by every builder of this package."""
-  return tfds.features.FeaturesDict({
+  features = {
       'image': tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png'),
       'label': tfds.features.ClassLabel(names=list(class_names)),
       'file_name': tfds.features.Text(),
       'group_id': tfds.features.Text(),
-  })
+  }
+  if metadata:
+    features.update(age=tfds.features.Scalar(dtype=np.float32), sex=tfds.features.Text(),
+                    site=tfds.features.Text())
+  return tfds.features.FeaturesDict(features)

@@ -80,6 +80,39 @@ def block_name(stage: int, index: int) -> str:
   return f'block{stage + 1}{chr(ord("a") + index)}'
 
 
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow's "same" padding (flax 'SAME'): the extra pixel at the end."""
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise convolution ('SAME' padding, no bias) as a sum of k*k shifted products.
+
+  Computes what `nn.Conv(C, (k, k), feature_group_count=C, padding='SAME')`
+  computes, with the same (k, k, 1, C) kernel, but XLA:CPU runs grouped
+  convolutions' gradients an order of magnitude slower than these
+  elementwise products, whose gradients are elementwise too.
+  """
+  kernel_size: int
+  stride: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k, s = self.kernel_size, self.stride
+    kernel = self.param('kernel', _depthwise_init, (k, k, 1, x.shape[-1]), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    (h, w) = x.shape[1:3]
+    x = jnp.pad(x, ((0, 0), _same_padding(h, k, s), _same_padding(w, k, s), (0, 0)))
+    out_h, out_w = -(-h // s), -(-w // s)
+    y = 0
+    for i in range(k):
+      for j in range(k):
+        y = y + x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s] * kernel[i, j, 0]
+    return y
+
+
 class MBConv(nn.Module):
   """Inverted residual block with squeeze-excitation (MBConv)."""
   features_in: int
@@ -103,10 +136,7 @@ class MBConv(nn.Module):
     x = inputs
     if self.expand_ratio != 1:
       x = nn.swish(batch_norm('expand_bn')(conv1x1(features, 'expand_conv')(x)))
-    k = self.kernel_size
-    x = nn.Conv(features, (k, k), strides=self.stride, padding='SAME',
-                feature_group_count=features, use_bias=False, kernel_init=_depthwise_init,
-                dtype=self.dtype, name='dwconv')(x)
+    x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, name='dwconv')(x)
     x = nn.swish(batch_norm('bn')(x))
 
     squeezed = max(1, int(self.features_in * SE_RATIO))
