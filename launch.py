@@ -9,7 +9,6 @@ are refused. Rerunning the same command on the same workdir resumes.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -48,19 +47,25 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import cli, cross_validation, distributed, ensemble, input_pipeline, train
+  from melanoma_jax import (cli, cross_validation, distributed, ensemble, errors, input_pipeline,
+                            preemption, train)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
-  from melanoma_jax.datasets import image_folders
   # Paths relative to the current directory, or with ~, become absolute here, once.
   cli.resolve_config_paths(FLAGS.config)
   workdir = cli.user_path(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
-      for dataset in input_pipeline.combined_sources(FLAGS.config.dataset):
-        builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
-        logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
+      try:
+        # TFDS removes its half-written folder when Stopped unwinds through it.
+        with preemption.stop_on_sigterm():
+          for dataset in input_pipeline.combined_sources(FLAGS.config.dataset):
+            builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
+            logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
+      except preemption.Stopped:
+        logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
+        return
       return
     if not workdir:
       raise app.UsageError('--workdir is required to train.')
@@ -68,9 +73,13 @@ def main(argv: list[str]) -> None:
       cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
     else:
       train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
-  except (train.ConfigError, input_pipeline.DataError, image_folders.DatasetLayoutError,
-          ensemble.EnsembleError, FloatingPointError) as e:
-    sys.exit(f'Error: {e}')
+  except (errors.UserError, ensemble.EnsembleError, FloatingPointError, OSError) as e:
+    message = str(e) if isinstance(e, ensemble.EnsembleError) else errors.user_message(e)
+    if message is None:
+      raise
+    # The details for a bug report, not on the console (--verbosity=1 shows them).
+    logging.debug('Details:', exc_info=True)
+    errors.exit_with(message)
 
 
 if __name__ == '__main__':

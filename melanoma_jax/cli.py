@@ -3,7 +3,6 @@
 import argparse
 import os
 import re
-import sys
 from typing import Any
 
 import ml_collections
@@ -34,6 +33,22 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> None:
       config[field] = user_path(config[field])
 
 
+def probability(text: str) -> float:
+  """An argparse type: a number in [0, 1] (NaN is not)."""
+  value = float(text)
+  if not 0 <= value <= 1:
+    raise argparse.ArgumentTypeError(f'{text} is not in [0, 1]')
+  return value
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text} is not >= 1')
+  return value
+
+
 def run_parser(doc: str, several: bool = False) -> argparse.ArgumentParser:
   """A parser with --workdir (the run; `several`: one or more) and --step; `doc` is the help."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,11 +68,11 @@ def restore(args: argparse.Namespace) -> tuple[steps.TrainState, ml_collections.
   # TensorFlow only decodes data here: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from melanoma_jax import train  # pylint: disable=g-import-not-at-top
+  from melanoma_jax import errors, train  # pylint: disable=g-import-not-at-top
   try:
     return train.restore_for_inference(args.workdir, args.step)
-  except FileNotFoundError as e:
-    sys.exit(f'Error: {e}')
+  except (FileNotFoundError, errors.UserError) as e:
+    errors.exit_with(str(e))
 
 
 def stored_image_size(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> int:

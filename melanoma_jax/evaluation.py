@@ -494,12 +494,18 @@ def calibration_markdown(full: dict[str, Any]) -> list[str]:
 
 
 def csv_cell(value: Any) -> Any:
-  """A prediction CSV's cell: '' for none, yes/no for a flag, 6 decimals for a probability."""
+  """A prediction CSV's cell: '' for none, yes/no for a flag, 6 decimals for a probability.
+
+  Text that a spreadsheet would run as a formula (a file named
+  '=HYPERLINK(...).jpg') gets a leading quote, which makes it text.
+  """
   if value is None:
     return ''
   if isinstance(value, bool):
     return 'yes' if value else 'no'
-  return f'{value:.6f}' if isinstance(value, float) else value
+  if isinstance(value, float):
+    return f'{value:.6f}'
+  return "'" + value if isinstance(value, str) and value[:1] in ('=', '+', '-', '@', '\t', '\r') else value
 
 
 def write_csv(path: epath.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:

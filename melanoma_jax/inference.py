@@ -53,7 +53,7 @@ _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
-    return None, 'no such file'
+    return None, 'not a regular file' if path.exists() else 'no such file'
   try:
     return preprocessing.model_input(path, stored_size, image_size), None
   except preprocessing.UnreadableImageError as e:
@@ -160,11 +160,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
-  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--batch_size', type=cli.positive_int, default=32)
   parser.add_argument('--metadata_csv', default=None,
                       help='Age, sex and site per image, for runs trained with model.metadata '
                            '(default: metadata.csv in a PATH folder, if there).')
-  parser.add_argument('--threshold', type=float, default=None,
+  parser.add_argument('--threshold', type=cli.probability, default=None,
                       help="Alert threshold on p(melanoma); default: the run's operating point.")
   args = parser.parse_args(argv)
   files = find_images(args.paths)

@@ -23,9 +23,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from melanoma_jax import datasets, preprocessing
 from melanoma_jax import metadata as metadata_lib
+from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
 from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import tables, vocabulary
 
@@ -78,18 +80,21 @@ class Data:
   sources: tuple[str, ...] = ()  # The datasets combined, when config.dataset names several.
 
 
-class DataError(ValueError):
-  """A dataset that cannot be used as configured; the message says why."""
-
-
 def prepared_builder(config: ml_collections.ConfigDict,
                      dataset: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `dataset` (default `config.dataset`), prepared once on first use."""
   dataset = dataset or config.dataset
-  # image_folder discovers its class names from the tree when constructed.
+  # image_folder discovers its class names from the tree when constructed;
+  # once prepared it needs no tree (evaluating a run after the tree moved).
   kwargs = {'manual_dir': config.manual_dir} if dataset.startswith('image_folder') else {}
+  tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
   try:
-    builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)
+    try:
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **({} if tree_missing else kwargs))
+    except image_folders.DatasetLayoutError:
+      if not tree_missing:
+        raise
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'Unknown dataset {dataset!r} (config.dataset). {e}') from e
   if not builder.is_prepared():
@@ -115,9 +120,11 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   if not parts:
     raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
   cat = lambda key: np.concatenate([p[key] for p in parts])
-  file_names = cat('file_name').astype(str)
+  # TFDS Text is UTF-8 bytes; numpy's astype(str) would decode ASCII only.
+  text = lambda key: np.array([value.decode('utf-8') for value in cat(key)], dtype=str)
+  file_names = text('file_name')
   # An image with no known lesion or patient is a group of its own.
-  group_ids = np.where(cat('group_id') == b'', file_names, cat('group_id').astype(str))
+  group_ids = np.where(cat('group_id') == b'', file_names, text('group_id'))
   extras = {k: cat(k).astype(np.float32) if k == 'age' else np.array([v.decode() for v in cat(k)])
             for k in datasets.METADATA_FEATURES if k in parts[0]}
   return Examples(cat('image'), cat('label').astype(np.int32), file_names, group_ids, extras)
@@ -313,15 +320,15 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   elif config.task != 'multiclass':
     raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
   if config.groups_csv:
-    groups = image_folders.read_groups_csv(config.groups_csv)
-    matched = sum(image_folders.group_key(name) in groups for name in train_full.file_names)
-    if not matched:
+    groups = image_folders.match_groups(train_full.file_names, image_folders.read_groups_csv(
+        config.groups_csv), f'Groups CSV {config.groups_csv}')
+    if not groups:
       raise DataError(f'No training image is named in {config.groups_csv} (config.groups_csv); '
                       f'its image column must hold file names such as {train_full.file_names[0]!r}.')
     logging.info('Groups CSV: %d of %d training images matched; the rest are their own group.',
-                 matched, len(train_full))
+                 len(groups), len(train_full))
     train_full = dataclasses.replace(train_full, group_ids=np.array(
-        [image_folders.group_id(name, groups) for name in train_full.file_names]))
+        [groups.get(name, name) for name in train_full.file_names]))
   if config.get('num_folds'):
     try:
       folds = assign_folds(train_full.labels, train_full.group_ids, config.num_folds, config.seed)

@@ -27,9 +27,6 @@ from optax.contrib import ReduceLROnPlateauState
 from melanoma_jax.errors import ConfigError
 
 OptState = tuple[Any, ReduceLROnPlateauState]
-# With skip_nonfinite_steps, this many non-finite steps in a row are applied
-# anyway (making the loss non-finite), so the run stops instead of idling.
-MAX_CONSECUTIVE_NONFINITE = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +133,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) 
   With `config.plateau.enabled` False the training loop never calls
   `end_epoch`, so the plateau scale stays 1. `config.backbone` gives every
   parameter but the head `lr_multiplier` x the learning rate, and none for
-  its first `frozen_epochs`. With `config.skip_nonfinite_steps`, steps with
-  a non-finite gradient change nothing (`optax.apply_if_finite`).
+  its first `frozen_epochs`. Steps with a non-finite gradient change nothing
+  whatever the config (`steps.train_step`), so the state's layout never
+  depends on `config.skip_nonfinite_steps`.
   """
   p = config.plateau
   schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -155,8 +153,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) 
                                                backbone.lr_multiplier * schedule(step))
     base = optax.multi_transform({'head': _base(config, schedule),
                                   'backbone': _base(config, backbone_schedule)}, head_or_backbone)
-  if config.skip_nonfinite_steps:
-    base = optax.apply_if_finite(base, max_consecutive_errors=MAX_CONSECUTIVE_NONFINITE)
   return PlateauOptimizer(
       base=base,
       plateau=keras_plateau(config.learning_rate, p.factor, p.patience,

@@ -4,16 +4,49 @@ Cloud TPU and GPU jobs, and schedulers such as SLURM, send SIGTERM some
 time before they kill a job. On one host a signal handler sets a flag; on
 several hosts JAX's preemption sync service (through orbax) makes every
 host agree on the same step to save at.
+
+Outside the training loop (data loading, restoring, the final evaluation)
+there is nothing new to save: there SIGTERM stops the run at once with
+`Stopped`, which the run turns into a message and exit status 0.
 """
+
+import contextlib
 
 import signal
 import threading
 from types import TracebackType
+from collections.abc import Iterator
 from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class Stopped(Exception):
+  """SIGTERM arrived where everything worth keeping was already saved."""
+
+
+def _stop(signum: int, frame) -> None:
+  del frame
+  raise Stopped(f'signal {signum}')
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+  """SIGTERM raises `Stopped` for the duration (one process, main thread only).
+
+  With several processes JAX's preemption service owns the signal, and the
+  training loop's `PreemptionWatch` takes it over while steps run.
+  """
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 class PreemptionWatch:

@@ -142,15 +142,18 @@ def train_step(state: TrainState, batch: Batch,
   grads, (loss, predicted, model_state) = jax.grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-  # A non-finite step counts in no metric and leaves BatchNorm statistics
-  # (all of model_state) alone; the optimizer skips it if built with `skip_nonfinite` (else the
-  # loop stops at the next check, before anything is saved).
+  # A non-finite step counts in no metric and changes no parameter, optimizer
+  # state or BatchNorm statistic (all of model_state); the loop then stops
+  # or, with config.skip_nonfinite_steps, goes on. Either way the state's
+  # layout is the same, so checkpoints move between the two settings.
   finite = jnp.isfinite(optax.tree.sum(grads))  # grads are averaged: the same on every device
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      model_state=jax.tree.map(lambda new, old: jnp.where(finite, new, old), model_state, state.model_state),
-      opt_state=opt_state)
+      step=state.step + 1,
+      params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
+      model_state=keep_if_finite(model_state, state.model_state),
+      opt_state=keep_if_finite(opt_state, state.opt_state))
   weights = jnp.where(finite, jnp.ones_like(loss), jnp.zeros_like(loss))
   metrics = _metrics(jnp.where(finite, loss, 0.0), predicted, labels, weights,
                      max(state.num_outputs, 2), axis_name)

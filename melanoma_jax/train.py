@@ -18,13 +18,17 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from melanoma_jax import (calibration, checkpointing, distributed, evaluation, input_pipeline, intervals,
-                          losses, metrics as metrics_lib, model_summary, models, ood, optim, preemption,
-                          reporting, steps)
+from melanoma_jax import (calibration, checkpointing, cli, config_checks, datasets, distributed,
+                          evaluation, input_pipeline, intervals, losses, metrics as metrics_lib,
+                          model_summary, models, ood, optim, preemption, reporting, steps, workdir_lock)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import ConfigError
 
 AXIS = 'batch'
+# With config.skip_nonfinite_steps, the run stops once an epoch has had this
+# many non-finite steps and none finite since the last check: skipping cannot
+# help parameters that make every batch non-finite.
+MAX_NONFINITE_TO_SKIP = 20
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -67,6 +71,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.target_sensitivity={config.target_sensitivity} must be in (0, 1].')
   optim.make_optimizer(config)  # raises on invalid optimizer, schedule or plateau settings
   losses.make_loss(config.get('loss'), None)  # raises on invalid loss settings
+  config_checks.check_ranges(config)
+  config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9))
 
 
 def build_state(config: ml_collections.ConfigDict, outputs: int, steps_per_epoch: int | None = None,
@@ -96,16 +102,15 @@ def restore_for_inference(workdir: str, step: int | None = None
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f'No checkpoint {step if step is not None else ""} in {workdir}/checkpoints; '
                             f'kept steps: {list(manager.all_steps())}.')
-  meta = checkpointing.read_meta(manager, step)
-  outputs = num_outputs(config, len(meta['class_names']))
-  template = jax.eval_shape(lambda: build_state(config, outputs))
-  state, meta = checkpointing.restore(manager, step, template)
+  template = lambda meta: jax.eval_shape(lambda: build_state(
+      config, num_outputs(config, len(meta['class_names']))))
+  state, meta = checkpointing.restore_step(manager, step, template)
   manager.close()
   return state, config, meta
 
 
 def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
-  return ' '.join(f'{k}={summary[k]:.4f}' for k in keys)
+  return ' '.join(f'{k}={summary[k]:.4f}' for k in keys if summary.get(k) is not None)
 
 
 def _log_progress(epoch: int, i: int, epoch_steps: int, config: ml_collections.ConfigDict,
@@ -116,18 +121,35 @@ def _log_progress(epoch: int, i: int, epoch_steps: int, config: ml_collections.C
                time.strftime('%H:%M:%S', time.gmtime(remaining / images_per_sec)))
 
 
-def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int,
-                  manager: Any, workdir: epath.Path, skip: bool) -> None:
-  """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint."""
-  bad = int(jax.device_get(total['nonfinite'][0]))
-  if bad and skip:
-    logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
-  elif bad:
+def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int, window_bad: int,
+                  manager: Any, workdir: epath.Path, skip: bool, epoch_end: bool = False) -> int:
+  """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint.
+
+  Skipping (`skip`) stops too once skipping cannot help: when every step
+  since the last check (`window_start`, when `window_bad` steps of the epoch
+  were non-finite) was non-finite and the epoch has had MAX_NONFINITE_TO_SKIP
+  of them, or at the epoch's end when all its steps were. Returns the
+  epoch's count of non-finite steps.
+  """
+  bad, steps_done = (int(x) for x in jax.device_get(total['nonfinite']))
+  if not bad:
+    return bad
+  latest = manager.latest_step()
+  saved = (f'nothing after the last good checkpoint was saved: step {latest} in {workdir / "checkpoints"}'
+           if latest is not None else 'no checkpoint was saved yet, so a rerun starts from the beginning')
+  if not skip:
     raise FloatingPointError(
         f'Non-finite loss or gradient in {bad} step(s) between steps {window_start + 1} and '
-        f'{step}; nothing after the last good checkpoint was saved: step {manager.latest_step()} '
-        f'in {workdir / "checkpoints"}. Lower config.learning_rate and rerun to resume from it, or '
-        'set config.skip_nonfinite_steps=True to skip such steps.')
+        f'{step}; {saved}. Lower config.learning_rate and rerun to resume, or set '
+        'config.skip_nonfinite_steps=True to skip such steps.')
+  window_all_bad = bad - window_bad == step - window_start
+  if (window_all_bad and bad >= MAX_NONFINITE_TO_SKIP) or (epoch_end and bad == steps_done):
+    raise FloatingPointError(
+        f'Every step from {window_start + 1} to {step} had a non-finite loss or gradient ({bad} this '
+        f'epoch), so skipping them cannot get past it; {saved}. Lower config.learning_rate and '
+        'rerun to resume.')
+  logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
+  return bad
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -135,12 +157,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains, resuming from `workdir` if it holds checkpoints; returns Test metrics.
 
   Returns None when preempted (SIGTERM): the state was saved at a step
-  boundary and the same call resumes it. Test is evaluated once, at the
-  end, with the checkpoint of lowest validation loss.
+  boundary (or, outside the training loop, everything was saved already)
+  and the same call resumes it. Test is evaluated once, at the end, with
+  the checkpoint of lowest validation loss. The workdir is locked for the
+  whole call: a second run on it is refused.
   """
   validate_config(config)
-  workdir = epath.Path(workdir)
-  checkpointing.claim_workdir(workdir, config, start_over)
+  workdir = epath.Path(cli.user_path(str(workdir)))  # orbax refuses relative paths
+  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.stop_on_sigterm():
+    try:
+      return _train_and_evaluate(config, workdir, start_over)
+    except preemption.Stopped:
+      logging.warning('Stopped by SIGTERM outside the training steps; every finished epoch is saved. '
+                      'Rerun the same command to resume.')
+      return None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        start_over: bool) -> dict[str, Any] | None:
+  checkpointing.check_workdir(workdir, config, start_over)
   data = input_pipeline.load_data(config)
   num_classes = len(data.class_names)
   outputs = num_outputs(config, num_classes)
@@ -151,6 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, fresh, workdir)
+  checkpointing.write_config(workdir, config)  # the run has started: data and state fit
+  _warn_without_validation_melanoma(data)
   if not meta and config.model.get('init_from'):
     state = _init_from_pretrained(state, config)
   reporting.write_model_summary(workdir, model_summary.layer_table(
@@ -162,8 +199,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # step donates the state, and donation that needs resharding fails on
   # multi-host pmap.
   state = jax.device_put(state, NamedSharding(Mesh(np.array(jax.local_devices()), (AXIS,)), P()))
-  history = [row for row in reporting.read_history(workdir) if row['epoch'] <= meta.get('epoch', 0)]
+  # The checkpoint carries the history up to it: history.jsonl may lag behind
+  # a checkpoint (a kill between the two writes) or run ahead of it.
+  history = meta['history'] if 'history' in meta else [
+      row for row in reporting.read_history(workdir) if row['epoch'] <= meta.get('epoch', 0)]
   reporting.write_history(workdir, history)
+  reporting.plot_curves(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
   checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
@@ -180,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
       total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
       window_start, window_step = epoch_start, offset
+      window_bad = int(total['nonfinite'][0]) if total else 0
       batches = input_pipeline.train_batches(data.train, config, num_classes, epoch, epoch_steps, offset)
       # Exactly the epoch's batches: asking the stream for one more would
       # wait for tf.data to discover its end (seconds, in the first epoch).
@@ -188,17 +230,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         total = metrics_lib.accumulate(total, step_metrics)
         step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
         if i % config.log_every_steps == 0 or i == epoch_steps:
-          _check_finite(total, step, step - (i - window_step), manager, workdir,
-                        config.skip_nonfinite_steps)
+          window_bad = _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
+                                     config.skip_nonfinite_steps, epoch_end=i == epoch_steps)
           now = time.perf_counter()
           _log_progress(epoch, i, epoch_steps, config, (i - window_step) * config.batch_size / (now - window_start))
           window_start, window_step = now, i
         if i < epoch_steps and (preempted(step) or (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
-          _check_finite(total, step, step - (i - window_step), manager, workdir,
+          _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
                         config.skip_nonfinite_steps)
           checkpointing.save(manager, state, checkpoint_meta(
-              epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total)))
+              epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total), history=history))
           if preempted(step):
             logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
             manager.close()
@@ -211,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_seconds = time.perf_counter() - epoch_start
       val = evaluation.gather_predictions(state, data.val, config.batch_size)
       row.update(val.summary('val'))
+      if not np.isfinite(row['val_loss']):
+        raise FloatingPointError(
+            f'The validation loss after epoch {epoch} is {row["val_loss"]}: the parameters diverged, '
+            f'so the epoch is not saved (last checkpoint: step {manager.latest_step()}). Lower '
+            'config.learning_rate and rerun to resume.')
       row.update(_clinical_summary(val, data.class_names))
       epoch_seconds = time.perf_counter() - epoch_start
       # Training throughput; validation time is the difference of the two.
@@ -218,8 +265,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  images_per_sec=(epoch_steps - offset) * config.batch_size / train_seconds)
       if config.plateau.enabled:
         state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
-      checkpointing.save(manager, state, checkpoint_meta(epoch=epoch, val_loss=row['val_loss']))
-      history.append(row)
+      history = [*history, row]
+      # One commit: the checkpoint holds the history up to and with this epoch.
+      checkpointing.save(manager, state, checkpoint_meta(epoch=epoch, val_loss=row['val_loss'],
+                                                         history=history))
       reporting.write_history(workdir, history)
       reporting.write_summaries(writer, row)
       reporting.plot_curves(workdir, history)
@@ -262,6 +311,13 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
+def _warn_without_validation_melanoma(data: input_pipeline.Data) -> None:
+  if datasets.MELANOMA in data.class_names and not np.any(
+      data.val.labels == data.class_names.index(datasets.MELANOMA)):
+    logging.warning('Validation holds no melanoma: no melanoma alert threshold can be chosen, so no '
+                    'operating_point.json will be written. Raise config.val_fraction or add melanoma images.')
+
+
 def _clinical_summary(val: evaluation.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
   """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
   report = evaluation.report(val.probs, val.labels, class_names)
@@ -274,8 +330,10 @@ def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[
                       data: input_pipeline.Data, config: ml_collections.ConfigDict,
                       workdir: epath.Path) -> dict[str, Any]:
   """Test metrics of the checkpoint of lowest validation loss, written to the workdir."""
-  state, best = checkpointing.restore(manager, manager.best_step(), state)
-  best = next(row for row in history if row['epoch'] == best['epoch'])
+  state, meta = checkpointing.restore(manager, manager.best_step(), state)
+  # From the checkpoint's own history, so a short history.jsonl cannot matter.
+  rows = {row['epoch']: row for row in [*history, *meta.get('history', [])]}
+  best = rows.get(meta['epoch'], {'epoch': meta['epoch'], 'val_loss': meta['val_loss']})
   result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
   result.update({k: v for k, v in best.items() if k.startswith('val_')})
   full = evaluation.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {

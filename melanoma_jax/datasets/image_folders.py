@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import socket
+import stat
 import struct
 import unicodedata
 import zlib
@@ -29,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import lesion_features
+from melanoma_jax.errors import DatasetLayoutError  # noqa: F401  (importable from here too)
 # Decoding is shared with prediction; re-exported for the builders and their users.
 from melanoma_jax.preprocessing import DecodedImage, UnreadableImageError, decode_image  # noqa: F401
 
@@ -50,10 +52,6 @@ GROUP_COLUMNS = ('patient_id', 'lesion_id')
 
 _IGNORED_NAMES = ('__MACOSX',)  # macOS zip resource forks.
 _SPLIT_NAME = re.compile(r'^[\w-]+$')  # What TFDS split slicing ('train[:80%]') accepts.
-
-
-class DatasetLayoutError(ValueError):
-  """The data on disk is not laid out as the builder expects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +114,16 @@ def _visible(folder: epath.Path) -> list[epath.Path]:
   """Sorted entries of a folder, without hidden files and zip artifacts."""
   return sorted(p for p in folder.iterdir()
                 if not p.name.startswith('.') and p.name not in _IGNORED_NAMES)
+
+
+def _is_special(entry: epath.Path) -> bool:
+  """A FIFO, socket or device (reading a FIFO blocks forever); remote paths have none."""
+  if '://' in str(entry):
+    return False
+  try:
+    return not stat.S_ISREG(os.stat(entry).st_mode)
+  except OSError:
+    return False  # a broken symlink: decoding reports it
 
 
 def _has_split_dirs(folder: epath.Path, splits: Sequence[str]) -> bool:
@@ -236,6 +244,8 @@ def scan_tree(root: epath.PathLike, *, splits: Sequence[str] | None = None,
         # One query per entry: on remote file systems each is a round trip.
         if entry.is_dir():
           skipped.append(Skipped(file_name, 'folder inside a class folder (not read)'))
+        elif _is_special(entry):
+          skipped.append(Skipped(file_name, 'not a regular file (FIFO, socket or device)'))
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
           images.append(ImageRecord(entry, file_name, class_name))
         else:
@@ -251,11 +261,22 @@ def scan_tree(root: epath.PathLike, *, splits: Sequence[str] | None = None,
 
 
 def group_key(file_name: str) -> str:
-  """Matches an image to a CSV entry written with or without folder or extension."""
-  name = pathlib.PurePath(file_name.replace('\\', '/')).name
-  if pathlib.PurePath(name).suffix.lower() in IMAGE_EXTENSIONS:
-    name = pathlib.PurePath(name).stem
-  return unicodedata.normalize('NFC', name)  # macOS file systems store NFD.
+  """An image path as the groups CSV is matched on: '/'-separated folders and stem, NFC.
+
+  'Train\\nevus/img000.PNG' -> 'Train/nevus/img000'; a bare 'img000.jpg' -> 'img000'.
+  """
+  name = unicodedata.normalize('NFC', file_name.strip().replace('\\', '/'))  # macOS stores NFD.
+  parts = [part for part in name.split('/') if part not in ('', '.')]
+  if parts and pathlib.PurePath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+    parts[-1] = pathlib.PurePath(parts[-1]).stem
+  return '/'.join(parts)
+
+
+def _best_key(file_name: str, groups: Mapping[str, str]) -> str | None:
+  """The most specific CSV key naming the image: its path from the root, from the
+  split folder, ..., down to its bare name; None when the CSV does not name it."""
+  parts = group_key(file_name).split('/')
+  return next((key for key in ('/'.join(parts[i:]) for i in range(len(parts))) if key in groups), None)
 
 
 def read_groups_csv(path: epath.PathLike) -> dict[str, str]:
@@ -264,7 +285,13 @@ def read_groups_csv(path: epath.PathLike) -> dict[str, str]:
   if not path.is_file():
     raise DatasetLayoutError(f'Groups CSV {path} not found.')
   # Decoded here: epath's `open` takes neither `newline=''` nor 'utf-8-sig' (Excel's BOM).
-  with io.StringIO(path.read_bytes().decode('utf-8-sig'), newline='') as f:
+  try:
+    text = path.read_bytes().decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    raise DatasetLayoutError(
+        f'Groups CSV {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): '
+        'save it as UTF-8 (Excel: "CSV UTF-8"; or iconv -f latin1 -t utf-8).') from None
+  with io.StringIO(text, newline='') as f:
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
@@ -292,7 +319,31 @@ def group_id(file_name: str, groups: Mapping[str, str] | None) -> str:
   """
   if groups is None:
     return ''
-  return groups.get(group_key(file_name), file_name)
+  key = _best_key(file_name, groups)
+  return file_name if key is None else groups[key]
+
+
+def match_groups(file_names: Sequence[str], groups: Mapping[str, str],
+                 csv_name: str = 'the groups CSV') -> dict[str, str]:
+  """file name -> CSV group, for the images of one split that the CSV names.
+
+  Raises:
+    DatasetLayoutError: one CSV entry names several images (the same bare
+      name in two class folders), naming them.
+  """
+  matched, named_by = {}, collections.defaultdict(list)
+  for name in file_names:
+    key = _best_key(name, groups)
+    if key is not None:
+      matched[name] = groups[key]
+      named_by[key].append(name)
+  for key, names in named_by.items():
+    if len(names) > 1:
+      raise DatasetLayoutError(
+          f'{csv_name}: {key!r} names {len(names)} images ({", ".join(sorted(names)[:5])}); '
+          'write the path from the split folder (e.g. '
+          f'{"/".join(group_key(sorted(names)[0]).split("/")[1:]) or key!r}) to say which.')
+  return matched
 
 
 class PreparationReport:
@@ -484,11 +535,13 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     config = self.builder_config
     groups = None if config.groups_csv is None else read_groups_csv(config.groups_csv)
     self._report = PreparationReport(self.name, tree, config.image_size, config.groups_csv)
-    return {split: self._generate_examples(split, records, groups)
+    return {split: self._generate_examples(split, records, None if groups is None else match_groups(
+        [r.file_name for r in records], groups, f'Groups CSV {config.groups_csv}'))
             for split, records in tree.splits.items()}
 
   def _generate_examples(self, split: str, records: Sequence[ImageRecord],
                          groups: Mapping[str, str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`groups`: file name -> group of the images the groups CSV names (None: no CSV)."""
     size = self.builder_config.image_size
     results = parallel_map(lambda record: _decode_and_encode(record.path, size), records,
                            PREPARE_THREADS)
@@ -497,14 +550,14 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._report.skip(record.file_name, str(result))
         continue
       decoded, png = result
-      in_csv = groups is not None and group_key(record.file_name) in groups
+      in_csv = groups is not None and record.file_name in groups
       self._report.add(split, record.class_name, decoded.conversions, in_csv)
       yield record.file_name, {
           'image': png,
           'label': record.class_name,
           'file_name': record.file_name,
-          'group_id': (group_id(record.file_name, groups) if record.group_id is None
-                       else record.group_id),
+          'group_id': (('' if groups is None else groups.get(record.file_name, record.file_name))
+                       if record.group_id is None else record.group_id),
           **(record.metadata or {}),
       }
 

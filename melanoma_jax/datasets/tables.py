@@ -77,7 +77,7 @@ def find(folder: epath.PathLike, name: str, help_text: str, *, want_dir: bool = 
 
 def image_key(name: str) -> str:
   """Matches an image id in a CSV to a file: no folder, extension or `_downsampled`."""
-  return image_folders.group_key(name).removesuffix(DOWNSAMPLED_SUFFIX)
+  return image_folders.group_key(name).rsplit('/', 1)[-1].removesuffix(DOWNSAMPLED_SUFFIX)
 
 
 def index_images(folders: Iterable[epath.Path], root: epath.Path
