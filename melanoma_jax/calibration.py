@@ -13,14 +13,14 @@ The NLL is convex in 1/T, hence unimodal in log T, so a bounded Brent search
 over log T finds the minimum.
 """
 
-import json
 import math
 from typing import Any
 
-import jax
 import numpy as np
 from etils import epath
 from scipy import optimize, special
+
+from melanoma_jax import run_files
 
 CALIBRATION_FILE = 'calibration.json'
 # The search range of T: beyond it the validation set is too small to say more.
@@ -72,15 +72,8 @@ def fit(probs: np.ndarray, labels: np.ndarray, checkpoint: dict[str, Any]) -> di
 
 def write(workdir: epath.PathLike, calibration: dict[str, Any] | None) -> None:
   """Saves the temperature with the model, for evaluate and inference; process 0 only."""
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(workdir) / CALIBRATION_FILE
-  if calibration is None:
-    path.unlink(missing_ok=True)
-  else:
-    path.write_text(json.dumps(calibration, indent=2))
+  run_files.write_json(workdir, CALIBRATION_FILE, calibration)
 
 
 def read(workdir: epath.PathLike) -> dict[str, Any] | None:
-  path = epath.Path(workdir) / CALIBRATION_FILE
-  return json.loads(path.read_text()) if path.exists() else None
+  return run_files.read_json(workdir, CALIBRATION_FILE)

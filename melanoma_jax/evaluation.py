@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from melanoma_jax import (calibration, datasets, input_pipeline, intervals, metrics as metrics_lib, plots,
-                          steps, subgroups)
+                          run_files, steps, subgroups)
 
 NUM_CALIBRATION_BINS = 15
 CALIBRATION_BINNING = (
@@ -581,15 +581,8 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
 
 def write_operating_point(workdir: epath.PathLike, operating_point: dict[str, Any] | None) -> None:
   """Saves the alert threshold with the model, for predict; process 0 only."""
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(workdir) / OPERATING_POINT_FILE
-  if operating_point is None:
-    path.unlink(missing_ok=True)
-  else:
-    path.write_text(json.dumps(operating_point, indent=2))
+  run_files.write_json(workdir, OPERATING_POINT_FILE, operating_point)
 
 
 def read_operating_point(workdir: epath.PathLike) -> dict[str, Any] | None:
-  path = epath.Path(workdir) / OPERATING_POINT_FILE
-  return json.loads(path.read_text()) if path.exists() else None
+  return run_files.read_json(workdir, OPERATING_POINT_FILE)

@@ -7,6 +7,7 @@ and its config fields (if any) in the config files.
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import ml_collections
 import numpy as np
 from etils import epath
@@ -74,8 +75,8 @@ def fit_pretrained(name: str, pretrained: dict[str, Any], template: dict[str, An
   adapt = spec(name).adapt
   if adapt is not None:
     pretrained = adapt(pretrained, template)
-  flat_pretrained = _flatten(pretrained)
-  flat_template = _flatten(template)
+  flat_pretrained = traverse_util.flatten_dict(pretrained)
+  flat_template = traverse_util.flatten_dict(template)
   for key in sorted(flat_template.keys() | flat_pretrained.keys()):
     where = '/'.join(key)
     if key[:2] == ('params', HEAD):
@@ -89,25 +90,4 @@ def fit_pretrained(name: str, pretrained: dict[str, Any], template: dict[str, An
                        f'{flat_template[key].shape} in {name} as configured.')
   merged = {key: (flat_template[key] if key[:2] == ('params', HEAD) else
                   np.asarray(flat_pretrained[key], flat_template[key].dtype)) for key in flat_template}
-  return _unflatten(merged)
-
-
-def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, 'items'):
-      flat.update(_flatten(dict(v), (*prefix, k)))
-    else:
-      flat[(*prefix, k)] = v
-  return flat
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = value
-  return tree
-
+  return traverse_util.unflatten_dict(merged)

@@ -473,9 +473,7 @@ def build(size: str, model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  if config.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f'config.image_size={config.image_size} is too small for EfficientNet '
-                     f'(five stride-2 stages need >= {MIN_IMAGE_SIZE}).')
+  interface.check_min_image_size(config, MIN_IMAGE_SIZE, 'EfficientNet', 'five stride-2 stages')
 
 
 def spec(size: str) -> interface.ModelSpec:

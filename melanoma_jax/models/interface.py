@@ -63,6 +63,13 @@ def mark_features(module: nn.Module, x: jax.Array) -> jax.Array:
   return module.perturb(FEATURES, x)
 
 
+def check_min_image_size(config: ml_collections.ConfigDict, minimum: int, family: str, why: str) -> None:
+  """Refuses an image size the model's downsampling cannot take, saying why."""
+  if config.image_size < minimum:
+    raise ValueError(f'config.image_size={config.image_size} is too small for {family} '
+                     f'({why} need >= {minimum}).')
+
+
 def bn_momentum(model_config: ml_collections.ConfigDict, default: float) -> float:
   """config.model.bn_momentum if set, else the model's own default."""
   value = model_config.get('bn_momentum')

@@ -166,9 +166,7 @@ def build(constructor, model_config: ml_collections.ConfigDict, num_classes: int
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  if config.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f'config.image_size={config.image_size} is too small for ResNet '
-                     f'(five stride-2 stages need >= {MIN_IMAGE_SIZE}).')
+  interface.check_min_image_size(config, MIN_IMAGE_SIZE, 'ResNet', 'five stride-2 stages')
 
 
 def _convert_standard(constructor, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:

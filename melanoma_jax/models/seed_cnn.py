@@ -96,9 +96,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     lowering.resolve(config.model.get('conv_impl', 'auto'))
   except ValueError as e:
     raise ValueError(f'config.model.conv_impl: {e}') from None
-  if config.image_size < MIN_IMAGE_SIZE:
-    raise ValueError(f'config.image_size={config.image_size} is too small for seed_cnn '
-                     f'(four valid 3x3 convolutions and three 2x2 poolings need >= {MIN_IMAGE_SIZE}).')
+  interface.check_min_image_size(config, MIN_IMAGE_SIZE, 'seed_cnn',
+                                 'four valid 3x3 convolutions and three 2x2 poolings')
 
 
 SPEC = interface.ModelSpec(build=build, check=check)
