@@ -444,10 +444,10 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     image = tf.gather(images, index)
     if config.augment.enabled:
       image = _augment(image, tf.stack([tf.constant(seed, tf.int64), position]), config.augment)
-    if encoded_metadata is None:
-      return {'image': image, 'label': tf.gather(labels, index)}
-    return {'image': image, 'label': tf.gather(labels, index),
-            'metadata': tf.gather(encoded_metadata, index)}
+    features = {'image': image, 'label': tf.gather(labels, index)}
+    if encoded_metadata is not None:
+      features['metadata'] = tf.gather(encoded_metadata, index)
+    return features
 
   if 'source' in train.extras and config.get('source_weights'):
     ds = _source_index_stream(train, config, seed)

@@ -197,7 +197,7 @@ def predict_tta(state: TrainState, images: jax.Array, metadata: jax.Array | None
 
 def predict_with_loss_tta(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """As `predict_with_loss` over the 8 dihedral views: averaged probabilities and their cross-entropy."""
-  probs = predict_tta(state, batch['image'])
+  probs = predict_tta(state, batch['image'], batch.get('metadata'))
   p_label = jnp.take_along_axis(probs, batch['label'][:, None].astype(jnp.int32), axis=-1)[:, 0]
   return probs, -jnp.log(jnp.maximum(p_label, jnp.finfo(probs.dtype).tiny))
 
