@@ -14,6 +14,7 @@ import dataclasses
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,6 +62,7 @@ class RecordFiles:
     self._length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
+    weakref.finalize(self, _close_all, self._fds)
 
   def __len__(self) -> int:
     return len(self._offset)
@@ -92,9 +94,10 @@ class RecordFiles:
       out.append(data)
     return out
 
-  def __del__(self):
-    for fd in getattr(self, '_fds', {}).values():
-      os.close(fd)
+
+def _close_all(fds: dict[int, int]) -> None:
+  for fd in fds.values():
+    os.close(fd)
 
 
 def _scan_frames(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +116,8 @@ def _scan_frames(path: str) -> tuple[np.ndarray, np.ndarray]:
       sizes.append(length)
       position += _HEADER_BYTES + length + _FOOTER_BYTES
       f.seek(position)
+    if f.seek(0, os.SEEK_END) != position:
+      raise DataError(f'{path} is truncated: delete the dataset folder and rerun with --mode=prepare.')
   return np.array(starts, np.int64), np.array(sizes, np.int64)
 
 

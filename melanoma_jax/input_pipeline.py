@@ -138,10 +138,21 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
         f'{builder.info.full_name} in {builder.data_dir} has no {split!r} split (it has '
         f'{sorted(builder.info.splits)}): training needs train and test splits, i.e. Train/ and '
         'Test/ folders. Add the missing folder, delete the prepared dataset directory, and rerun.')
+  # The stored files are checked (and indexed) before they are read.
+  stored = data_sources.RecordFiles(builder, split) if stream else None
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders={
       'image': tfds.decode.SkipDecoding()} if stream else None)
   ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
-  parts = list(tfds.as_numpy(ds))
+  # Images go straight into one array, so reading never holds them twice.
+  pixels = None if stream else np.empty(
+      (builder.info.splits[split].num_examples, image_size, image_size, 3), np.uint8)
+  parts, filled = [], 0
+  for part in tfds.as_numpy(ds):
+    if pixels is not None:
+      image = part.pop('image')
+      pixels[filled:filled + len(image)] = image
+      filled += len(image)
+    parts.append(part)
   if not parts:
     raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
   cat = lambda key: np.concatenate([p[key] for p in parts])
@@ -153,12 +164,12 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
   extras = {k: cat(k).astype(np.float32) if k == 'age' else np.array([v.decode() for v in cat(k)])
             for k in datasets.METADATA_FEATURES if k in parts[0]}
   if stream:
-    images = data_sources.StoredImages.of_split(data_sources.RecordFiles(builder, split), image_size)
+    images = data_sources.StoredImages.of_split(stored, image_size)
     if len(images) != len(file_names):
       raise DataError(f'{images.files[0].name}: {len(images)} records but {len(file_names)} examples; '
                       'delete the prepared dataset folder and rerun with --mode=prepare.')
   else:
-    images = cat('image')
+    images = pixels[:filled]
   return Examples(images, cat('label').astype(np.int32), file_names, group_ids, extras)
 
 
