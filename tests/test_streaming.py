@@ -1,7 +1,12 @@
 """Streamed images (read from the prepared files by index) give what images held in memory give."""
 
+import os
+import pathlib
+import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +80,15 @@ def test_streamed_run_killed_and_resumed_equals_the_in_memory_run(finished_run, 
   assert resumed.wait(timeout=TIMEOUT) == 0, log[-3000:]
   assert 'Images streamed from the prepared files' in log
   _assert_same_final_params(tmp_path, reference)
+
+
+def test_benchmark_scale_mode_runs_at_toy_size(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.input_pipeline', '--scale=27', '--stored_size=64',
+       '--image_size=32', '--batch_size=8', '--windows=1', '--stream_window=2', '--step_window=1',
+       f'--scale_dir={tmp_path}'], capture_output=True, text=True, env=os.environ.copy(), timeout=TIMEOUT,
+      cwd=pathlib.Path(__file__).resolve().parent.parent, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r'27 images at 64 px: .* stream [\d.]+ images/s, peak RSS [\d.]+ GiB', result.stdout)
+  assert re.search(r'seed CNN train step: [\d.]+ images/s', result.stdout)
+  assert not list(tmp_path.iterdir())  # the generated tree and prepared data are deleted
