@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from melanoma_jax import (checkpointing, cli, clinical_report, errors, inference, input_pipeline, reporting,
-                          train, workdir_lock)
+from melanoma_jax import (checkpointing, cli, errors, inference, input_pipeline, reporting, train,
+                          workdir_lock)
 from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import preparation
 from test_train import _config as _with, _final_params
