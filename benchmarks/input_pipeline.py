@@ -47,7 +47,8 @@ import tensorflow as tf
 from configs import balanced
 import melanoma_jax
 from melanoma_jax import input_pipeline, models, optim
-from melanoma_jax.datasets import ISIC_CLASSES, image_folder, image_folders
+from melanoma_jax import datasets
+from melanoma_jax.datasets import ISIC_CLASSES, preparation, user_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'image_folder',
@@ -94,12 +95,14 @@ def write_fixture_tree(root: str, per_class: int) -> None:
             folder / f'ISIC_{i:07d}.jpg', quality=90)
 
 
-class ImageFolderScale(image_folder.ImageFolder):
-  """image_folder, stored at the sizes scale mode prepares (the name keeps the image_folder prefix
-  that makes `input_pipeline.prepared_builder` pass the tree)."""
+class ImageFolderScale(user_folder.ImageFolder):
+  """image_folder, with the stored sizes scale mode prepares at."""
 
-  BUILDER_CONFIGS = [image_folders.FolderConfig(name=f'{size}px', image_size=size)
+  BUILDER_CONFIGS = [preparation.FolderConfig(name=f'{size}px', image_size=size)
                      for size in (64, 256, 384, 512, 768)]
+
+
+datasets.BUILDERS.setdefault('image_folder_scale', ImageFolderScale)
 
 
 def write_scale_tree(root: str, count: int, size: int, distinct: int) -> None:
