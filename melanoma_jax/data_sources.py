@@ -67,9 +67,6 @@ class RecordFiles:
   def __len__(self) -> int:
     return len(self._offset)
 
-  def __getstate__(self):
-    raise TypeError('RecordFiles holds open files; build one per process.')
-
   def _fd(self, file: int) -> int:
     with self._lock:
       if file not in self._fds:
