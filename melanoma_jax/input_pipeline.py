@@ -126,12 +126,10 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
   """All examples of `split`, resized to image_size, in the builder's order.
 
   Streamed (`stream`), the images stay in the prepared files and only the
-  other columns are read.
+  other columns are kept.
   """
 
   def resize(example):
-    if stream:
-      return {k: v for k, v in example.items() if k != 'image'}
     return {**example, 'image': preprocessing.resize(example['image'], image_size)}
 
   if split not in builder.info.splits:
@@ -139,16 +137,16 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
         f'{builder.info.full_name} in {builder.data_dir} has no {split!r} split (it has '
         f'{sorted(builder.info.splits)}): training needs train and test splits, i.e. Train/ and '
         'Test/ folders. Add the missing folder, delete the prepared dataset directory, and rerun.')
-  # The stored files are checked (and indexed) before they are read.
-  stored = data_sources.RecordFiles(builder, split) if stream else None
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={
-      'image': tfds.decode.SkipDecoding()} if stream else None)
-  ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
-  # Images go straight into one array, so reading never holds them twice.
-  pixels = None if stream else np.empty(
-      (builder.info.splits[split].num_examples, image_size, image_size, 3), np.uint8)
+  if stream:
+    stored = data_sources.RecordFiles(builder, split)
+    columns, pixels = stored.columns(builder.info.features), None
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    columns = tfds.as_numpy(ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256))
+    # Images go straight into one array, so reading never holds them twice.
+    pixels = np.empty((builder.info.splits[split].num_examples, image_size, image_size, 3), np.uint8)
   parts, filled = [], 0
-  for part in tfds.as_numpy(ds):
+  for part in columns:
     if pixels is not None:
       image = part.pop('image')
       pixels[filled:filled + len(image)] = image
