@@ -51,11 +51,12 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
-def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int,
+            preprocess: preprocessing.Preprocess) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return preprocessing.model_input(path, stored_size, image_size), None
+    return preprocessing.model_input(path, stored_size, image_size, preprocess), None
   except preprocessing.UnreadableImageError as e:
     return None, str(e)
 
@@ -63,12 +64,14 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
                   batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None,
-                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
+                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None,
+                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
   """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
-  default `image_size`) and resized as training resized them
+  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
+  resized as training resized them
   (`preprocessing.model_input`). They are decoded a batch at a time; every
   batch is padded to `batch_size`, so the jitted predict compiles once.
   `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
@@ -78,7 +81,7 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size, preprocess) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -143,12 +146,21 @@ def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str
     if args.tta != description['tta']:
       raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
                                    '--tta and its threshold holds only that way: pass the same.')
-    results = ensemble.predict_files(description, files, args.batch_size)
+    metadata_csv = _metadata_csv(args)
+    results = ensemble.predict_files(description, files, args.batch_size,
+                                     metadata_csv and metadata_lib.read_csv(metadata_csv))
   except ensemble.EnsembleError as e:
     sys.exit(f'Error: {e}')
   operating_point = description['operating_point']
   threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
   return description['class_names'], threshold, results
+
+
+def _metadata_csv(args) -> pathlib.Path | str | None:
+  """--metadata_csv, else metadata.csv in a PATH folder, else None."""
+  return args.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
+      None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -181,9 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  metadata_csv = args.metadata_csv or next(
-      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
-      None)
+  metadata_csv = _metadata_csv(args)
   metadata = None
   if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
     metadata = metadata_lib.read_csv(metadata_csv)
@@ -194,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
   results = predict_files(state, files, config.image_size, args.batch_size, args.tta,
                           cli.stored_image_size(config, meta), metadata,
-                          detector and ood.scorer(detector))
+                          detector and ood.scorer(detector), preprocessing.Preprocess.from_config(config))
   _write_results(args, class_names, threshold, results, step=int(state.step), temperature=temperature,
                  detector=detector)
 

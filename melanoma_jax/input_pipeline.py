@@ -16,6 +16,7 @@ same batches whether or not the run was resumed.
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -28,6 +29,7 @@ from etils import epath
 from melanoma_jax import datasets, preprocessing
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
+from melanoma_jax.errors import ConfigError
 from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import tables, vocabulary
 
@@ -89,18 +91,45 @@ def prepared_builder(config: ml_collections.ConfigDict,
   kwargs = {'manual_dir': config.manual_dir} if dataset.startswith('image_folder') else {}
   tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
   try:
+    preprocessed = _preprocessed_config(dataset, config)
     try:
-      builder = tfds.builder(dataset, data_dir=config.data_dir, **({} if tree_missing else kwargs))
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed,
+                             **({} if tree_missing else kwargs))
     except image_folders.DatasetLayoutError:
       if not tree_missing:
         raise
-      builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed, **kwargs)  # says what is missing
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'Unknown dataset {dataset!r} (config.dataset). {e}') from e
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
   return builder
+
+
+def _preprocessed_config(dataset: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'config': the builder config of config.preprocess}, {} for the defaults.
+
+  The options change the stored pixels, so they name the prepared dataset
+  (`preprocessing.Preprocess.config_name`, e.g. '256px_border_sog6'): other
+  options never reuse data prepared with these.
+  """
+  try:
+    options = preprocessing.Preprocess.from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not options.tag:
+    return {}
+  name, _, named_config = dataset.partition('/')
+  builder_cls = tfds.builder_cls(name)
+  if not issubclass(builder_cls, image_folders.FolderBuilder):
+    raise DataError(f'config.preprocess ({options.tag}) applies to datasets prepared from image files '
+                    f'(image_folder, isic_skin_cancer, ham10000, isic2019, isic2020); {name} is not one: '
+                    'leave config.preprocess at its defaults.')
+  if named_config:
+    raise DataError(f'config.dataset={dataset!r} names a builder config, and config.preprocess '
+                    f'({options.tag}) chooses one too: write config.dataset={name!r}.')
+  return {'config': builder_cls.get_builder_config(options.config_name(image_folders.DEFAULT_IMAGE_SIZE))}
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:

@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
   try:
-    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
+    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size,
+                                       preprocessing.Preprocess.from_config(config))
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
   except (preprocessing.UnreadableImageError, ValueError) as e:

@@ -72,6 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.make_optimizer(config)  # raises on invalid optimizer, schedule or plateau settings
   losses.make_loss(config.get('loss'), None)  # raises on invalid loss settings
   config_checks.check_ranges(config)
+  config_checks.check_preprocess(config)
   config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9))
 
 

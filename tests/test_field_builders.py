@@ -259,9 +259,9 @@ import sys, time
 import tensorflow_datasets as tfds
 from melanoma_jax.datasets import image_folders, isic2020
 decode = image_folders.decode_image
-def slow(path, size):
+def slow(path, size, *options):
   time.sleep(0.5)
-  return decode(path, size)
+  return decode(path, size, *options)
 image_folders.decode_image = slow
 builder = tfds.builder('isic2020', data_dir=sys.argv[1],
                        config=image_folders.FolderConfig(name='8px', image_size=8))
