@@ -26,16 +26,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from melanoma_jax import datasets, preprocessing
+from melanoma_jax import datasets, errors, preprocessing
 from melanoma_jax import metadata as metadata_lib
-from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
-from melanoma_jax.errors import ConfigError
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.errors import DataError
+from melanoma_jax.datasets import groups_csv, preparation
 from melanoma_jax.datasets import tables, vocabulary
-
-# Importing the builder modules registers them with TFDS.
-from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
-from melanoma_jax.datasets import ham10000, isic2019, isic2020  # noqa: F401  pylint: disable=unused-import
 
 # Test is carved from train with this seed, not config.seed, so every run
 # (any seed, any fold) is tested on the same images.
@@ -86,16 +81,20 @@ def prepared_builder(config: ml_collections.ConfigDict,
                      dataset: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `dataset` (default `config.dataset`), prepared once on first use."""
   dataset = dataset or config.dataset
+  builder_class = datasets.BUILDERS.get(dataset.split('/')[0].split(':')[0])
+  if builder_class is None:
+    raise DataError(f'Unknown dataset {dataset!r} (config.dataset); the datasets are '
+                    f'{sorted(datasets.BUILDERS)}, each optionally with /<config>.')
   # image_folder discovers its class names from the tree when constructed;
   # once prepared it needs no tree (evaluating a run after the tree moved).
-  kwargs = {'manual_dir': config.manual_dir} if dataset.startswith('image_folder') else {}
+  kwargs = {'manual_dir': config.manual_dir} if getattr(builder_class, 'TREE_AT_CONSTRUCTION', False) else {}
   tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
+  preprocessed = _preprocessed_config(dataset, builder_class, config)
   try:
-    preprocessed = _preprocessed_config(dataset, config)
     try:
       builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed,
                              **({} if tree_missing else kwargs))
-    except image_folders.DatasetLayoutError:
+    except errors.DatasetLayoutError:
       if not tree_missing:
         raise
       builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed, **kwargs)  # says what is missing
@@ -107,7 +106,8 @@ def prepared_builder(config: ml_collections.ConfigDict,
   return builder
 
 
-def _preprocessed_config(dataset: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _preprocessed_config(dataset: str, builder_class: type,
+                         config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{'config': the builder config of config.preprocess}, {} for the defaults.
 
   The options change the stored pixels, so they name the prepared dataset
@@ -117,19 +117,19 @@ def _preprocessed_config(dataset: str, config: ml_collections.ConfigDict) -> dic
   try:
     options = preprocessing.Preprocess.from_config(config)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   if not options.tag:
     return {}
   name, _, named_config = dataset.partition('/')
-  builder_cls = tfds.builder_cls(name)
-  if not issubclass(builder_cls, image_folders.FolderBuilder):
-    raise DataError(f'config.preprocess ({options.tag}) applies to datasets prepared from image files '
-                    f'(image_folder, isic_skin_cancer, ham10000, isic2019, isic2020); {name} is not one: '
-                    'leave config.preprocess at its defaults.')
+  if not issubclass(builder_class, preparation.FolderBuilder):
+    of_files = sorted(n for n, c in datasets.BUILDERS.items() if issubclass(c, preparation.FolderBuilder))
+    raise DataError(f'config.preprocess ({options.tag}) applies to the datasets prepared from image '
+                    f'files ({", ".join(of_files)}); {name} is not one: leave config.preprocess at '
+                    'its defaults.')
   if named_config:
     raise DataError(f'config.dataset={dataset!r} names a builder config, and config.preprocess '
                     f'({options.tag}) chooses one too: write config.dataset={name!r}.')
-  return {'config': builder_cls.get_builder_config(options.config_name(image_folders.DEFAULT_IMAGE_SIZE))}
+  return {'config': builder_class.get_builder_config(options.config_name(preparation.DEFAULT_IMAGE_SIZE))}
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:
@@ -349,7 +349,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   elif config.task != 'multiclass':
     raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
   if config.groups_csv:
-    groups = image_folders.match_groups(train_full.file_names, image_folders.read_groups_csv(
+    groups = groups_csv.match_groups(train_full.file_names, groups_csv.read_groups_csv(
         config.groups_csv), f'Groups CSV {config.groups_csv}')
     if not groups:
       raise DataError(f'No training image is named in {config.groups_csv} (config.groups_csv); '

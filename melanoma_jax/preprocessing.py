@@ -26,6 +26,8 @@ import tensorflow as tf
 from etils import epath
 from PIL import Image, ImageOps
 
+from melanoma_jax.errors import UnreadableImageError
+
 _EXIF_ORIENTATION = 0x0112
 _MODE_NAMES = {
     '1': 'black-and-white',
@@ -59,10 +61,6 @@ _ASPECT_TAGS = {'center_crop': 'crop', 'pad': 'pad'}
 MAX_SHADES_OF_GRAY_P = 64
 # What PIL raises on corrupt, truncated or non-image files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class UnreadableImageError(ValueError):
-  """An image file cannot be decoded; preparation skips it, prediction reports it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,10 +11,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from melanoma_jax import ensemble, metadata, preprocessing, steps, train
+from melanoma_jax import ensemble, errors, metadata, preprocessing, steps, train
 from melanoma_jax import models
 from melanoma_jax.models import resnet, weight_files
-from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import vocabulary
 
 
@@ -73,7 +72,7 @@ def test_read_csv(tmp_path):
   np.testing.assert_array_equal(encoded['ISIC_1'], metadata.encode([45.0], ['female'], ['torso'])[0])
   np.testing.assert_array_equal(encoded['ISIC_2'], metadata.unknown(1)[0])
   path.write_text('image,sex\nISIC_1,robot\n')
-  with pytest.raises(image_folders.DatasetLayoutError, match="line 2: unknown sex 'robot'"):
+  with pytest.raises(errors.DatasetLayoutError, match="line 2: unknown sex 'robot'"):
     metadata.read_csv(path)
 
 

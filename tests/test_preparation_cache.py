@@ -8,8 +8,7 @@ import tensorflow_datasets as tfds
 
 import field_fixtures
 from melanoma_jax import preprocessing
-from melanoma_jax.datasets import image_folder  # noqa: F401  pylint: disable=unused-import  # Registers it.
-from melanoma_jax.datasets import image_folders, preparation_cache
+from melanoma_jax.datasets import preparation, preparation_cache
 
 CLASSES = ('melanoma', 'nevus', 'vascular lesion')
 SIZE = 16
@@ -27,7 +26,7 @@ def tree(tmp_path_factory):
 
 
 def _builder(tree, data_dir):
-  config = image_folders.FolderConfig(name=f'{SIZE}px', image_size=SIZE)
+  config = preparation.FolderConfig(name=f'{SIZE}px', image_size=SIZE)
   return tfds.builder('image_folder', manual_dir=tree, data_dir=data_dir, config=config)
 
 
@@ -40,7 +39,7 @@ def _examples(builder):
 def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tree, tmp_path, monkeypatch):
   reference = _builder(tree, tmp_path / 'uninterrupted')
   reference.download_and_prepare()
-  decode = image_folders.decode_image
+  decode = preparation.decode_image
   calls = []
 
   def killed_after_ten(path, *args):
@@ -49,7 +48,7 @@ def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tre
       raise KeyboardInterrupt  # A kill, for the preparation: nothing catches it.
     return decode(path, *args)
 
-  monkeypatch.setattr(image_folders, 'decode_image', killed_after_ten)
+  monkeypatch.setattr(preparation, 'decode_image', killed_after_ten)
   builder = _builder(tree, tmp_path / 'resumed')
   with pytest.raises(KeyboardInterrupt):
     builder.download_and_prepare()
@@ -59,7 +58,7 @@ def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tre
   assert 1 <= kept <= 10  # Decoding runs ahead on threads: those done by the kill are kept.
 
   calls.clear()
-  monkeypatch.setattr(image_folders, 'decode_image', lambda path, *args: calls.append(path) or decode(path, *args))
+  monkeypatch.setattr(preparation, 'decode_image', lambda path, *args: calls.append(path) or decode(path, *args))
   builder = _builder(tree, tmp_path / 'resumed')
   builder.download_and_prepare()
   total = 3 * (4 + 2) + 1  # The unreadable file is remembered too.
@@ -77,7 +76,7 @@ def test_an_entry_is_reused_only_for_the_same_file_and_settings(tmp_path):
   def compute(options=preprocessing.Preprocess()):
     computed.append(path)
     decoded = preprocessing.decode_image(path, SIZE, options)
-    return decoded, image_folders.encode_png(decoded.pixels)
+    return decoded, preparation.encode_png(decoded.pixels)
 
   cache = preparation_cache.PreparationCache(tmp_path / 'cache', SIZE)
   first = cache.get(path, compute)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from configs import default
 from melanoma_jax import config_checks, input_pipeline, preprocessing
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import preparation
 from melanoma_jax.errors import ConfigError, DataError
 
 Preprocess = preprocessing.Preprocess
@@ -119,9 +119,9 @@ def test_options_name_the_prepared_data_and_round_trip():
     assert preprocessing.parse_config_name(each.config_name(128)) == (128, each)
   assert preprocessing.parse_config_name('tiny') is None
   # A builder config per name, the same object each time (TFDS refuses look-alikes).
-  config = image_folders.FolderBuilder.get_builder_config('256px_border_sog4_crop')
+  config = preparation.FolderBuilder.get_builder_config('256px_border_sog4_crop')
   assert config.preprocess == options and config.image_size == 256
-  assert image_folders.FolderBuilder.get_builder_config('256px_border_sog4_crop') is config
+  assert preparation.FolderBuilder.get_builder_config('256px_border_sog4_crop') is config
 
 
 def _config(**preprocess):

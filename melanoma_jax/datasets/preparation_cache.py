@@ -26,12 +26,13 @@ from absl import logging
 from etils import epath
 
 from melanoma_jax import preprocessing
+from melanoma_jax.errors import UnreadableImageError
 
 FOLDER_PREFIX = 'preparation_cache.'  # + the dataset version, next to its folder.
 _FORMAT = 1  # Part of every key: entries of another format are never read.
 
 # What the cache keeps for a source file: (conversions, PNG bytes) or why it cannot be read.
-Prepared = tuple[tuple[str, ...], bytes] | preprocessing.UnreadableImageError
+Prepared = tuple[tuple[str, ...], bytes] | UnreadableImageError
 
 
 def _source_identity(path: epath.Path) -> tuple[int, int] | None:
@@ -78,7 +79,7 @@ class PreparationCache:
 
   def get(self, path: epath.PathLike,
           compute: Callable[[], tuple[preprocessing.DecodedImage, bytes]
-                            | preprocessing.UnreadableImageError]) -> Prepared:
+                            | UnreadableImageError]) -> Prepared:
     """What the cache holds for `path`, else `compute()` (decode, resize, encode), then kept."""
     entry = self._entry(epath.Path(path))
     cached = None if entry is None else _read(entry)
@@ -90,7 +91,7 @@ class PreparationCache:
     if cached is not None:
       return cached
     result = compute()
-    prepared = result if isinstance(result, preprocessing.UnreadableImageError) else (
+    prepared = result if isinstance(result, UnreadableImageError) else (
         result[0].conversions, result[1])
     if entry is not None:
       _write(entry, prepared)
@@ -127,7 +128,7 @@ def _read(entry: epath.Path) -> Prepared | None:
   except ValueError:
     return None
   if 'error' in meta:
-    return preprocessing.UnreadableImageError(meta['error'])
+    return UnreadableImageError(meta['error'])
   if meta.get('png_bytes') != len(png):
     return None
   return tuple(meta['conversions']), png
@@ -135,7 +136,7 @@ def _read(entry: epath.Path) -> Prepared | None:
 
 def _write(entry: epath.Path, prepared: Prepared) -> None:
   """Writes the entry under a temporary name, then renames it: never half-written."""
-  if isinstance(prepared, preprocessing.UnreadableImageError):
+  if isinstance(prepared, UnreadableImageError):
     data = json.dumps({'error': str(prepared)}).encode()
   else:
     conversions, png = prepared
