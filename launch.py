@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
             builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
             logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       except preemption.Stopped:
-        logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare: '
+        logging.warning('Stopped by SIGTERM before the dataset was prepared. Rerun to prepare: '
                         'the images decoded so far are reused.')
         return
       return

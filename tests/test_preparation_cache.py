@@ -1,5 +1,6 @@
 """A killed preparation resumes: the rerun decodes only what the first run had not."""
 
+import logging
 import os
 
 import numpy as np
@@ -36,7 +37,8 @@ def _examples(builder):
           for split in ('train', 'test')}
 
 
-def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tree, tmp_path, monkeypatch):
+def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tree, tmp_path, monkeypatch,
+                                                                             caplog):
   reference = _builder(tree, tmp_path / 'uninterrupted')
   reference.download_and_prepare()
   decode = preparation.decode_image
@@ -60,7 +62,9 @@ def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tre
   calls.clear()
   monkeypatch.setattr(preparation, 'decode_image', lambda path, *args: calls.append(path) or decode(path, *args))
   builder = _builder(tree, tmp_path / 'resumed')
-  builder.download_and_prepare()
+  with caplog.at_level(logging.INFO):
+    builder.download_and_prepare()
+  assert f'resuming an interrupted preparation; the {kept} images it decoded' in caplog.text
   total = 3 * (4 + 2) + 1  # The unreadable file is remembered too.
   assert len(calls) == total - kept
   assert _examples(builder) == _examples(reference)

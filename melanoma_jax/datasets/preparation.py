@@ -251,6 +251,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     config = self.builder_config
     groups = None if config.groups_csv is None else read_groups_csv(config.groups_csv)
     self._report = PreparationReport(self.name, tree, config.image_size, config.groups_csv)
+    preparation_cache.PreparationCache.for_builder(self).log_resumption(self.name)
     return {split: self._generate_examples(split, records, None if groups is None else match_groups(
         [r.file_name for r in records], groups, f'Groups CSV {config.groups_csv}'))
             for split, records in tree.splits.items()}
@@ -260,7 +261,6 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """`groups`: file name -> group of the images the groups CSV names (None: no CSV)."""
     size, preprocess = self.builder_config.image_size, self.builder_config.preprocess
     cache = preparation_cache.PreparationCache.for_builder(self)  # Resumes a killed preparation.
-    cache.log_resumption(f'{self.name} {split}')
     results = parallel_map(lambda record: cache.get(record.path, lambda: _decode_and_encode(
         record.path, size, preprocess)), records, PREPARE_THREADS)
     for record, result in zip(records, results):

@@ -107,7 +107,7 @@ class PreparationCache:
     """Says, before generation, how much an interrupted preparation left to reuse."""
     held = self.size()
     if held:
-      logging.info('%s: resuming an interrupted preparation; %d decoded images are in %s and '
+      logging.info('%s: resuming an interrupted preparation; the %d images it decoded (in %s) '
                    'are not decoded again.', what, held, self.folder)
 
   def clear(self) -> None:
