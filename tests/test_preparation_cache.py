@@ -85,7 +85,6 @@ def test_an_entry_is_reused_only_for_the_same_file_and_settings(tmp_path):
   cache = preparation_cache.PreparationCache(tmp_path / 'cache', SIZE)
   first = cache.get(path, compute)
   assert cache.get(path, compute) == first and len(computed) == 1
-  assert (cache.hits, cache.misses) == (1, 1)
   # Other preprocessing options or another stored size are other entries.
   options = preprocessing.Preprocess(color_constancy=True)
   other = preparation_cache.PreparationCache(tmp_path / 'cache', SIZE, options)

@@ -10,9 +10,9 @@ then renamed (a kill never leaves a half-written entry under its real name).
 A rerun after a kill takes from the cache what it holds and decodes only the
 rest. An entry's key is the source (path, byte size, modification time) and
 everything that shapes its pixels (stored size, `preprocessing.Preprocess`
-options, the JPEG draft setting), so an edited file is decoded again. The
-cache is deleted once the dataset is prepared; until then it takes about as
-much disk as the prepared dataset.
+options, the JPEG draft and border settings), so an edited file is decoded
+again. The cache is deleted once the dataset is prepared; until then it takes
+about as much disk as the prepared dataset.
 """
 
 import hashlib
@@ -48,19 +48,15 @@ def _source_identity(path: epath.Path) -> tuple[int, int] | None:
 
 
 class PreparationCache:
-  """The cache of one dataset config and version (`for_builder`); thread-safe.
-
-  `hits` and `misses` count the sources taken from the cache and decoded.
-  """
+  """The cache of one dataset config and version (`for_builder`); thread-safe."""
 
   def __init__(self, folder: epath.PathLike, stored_size: int,
                preprocess: preprocessing.Preprocess = preprocessing.Preprocess()):
     self.folder = epath.Path(folder)
     self._settings = [_FORMAT, stored_size, preprocess.tag, preprocessing.DRAFT_MIN_FRACTION,
-                      preprocessing.BORDER_DRAFT_SCALE]
-    self._lock = threading.Lock()
-    self.hits = 0
-    self.misses = 0
+                      preprocessing.BORDER_DRAFT_SCALE, preprocessing.BORDER_LEVEL,
+                      preprocessing.BORDER_LINE_FRACTION, preprocessing.BORDER_MIN_MARGIN,
+                      preprocessing.BORDER_MIN_FIELD]
 
   @classmethod
   def for_builder(cls, builder: Any) -> 'PreparationCache':
@@ -83,11 +79,6 @@ class PreparationCache:
     """What the cache holds for `path`, else `compute()` (decode, resize, encode), then kept."""
     entry = self._entry(epath.Path(path))
     cached = None if entry is None else _read(entry)
-    with self._lock:
-      if cached is not None:
-        self.hits += 1
-      else:
-        self.misses += 1
     if cached is not None:
       return cached
     result = compute()
