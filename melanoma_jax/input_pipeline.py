@@ -97,7 +97,8 @@ def prepared_builder(config: ml_collections.ConfigDict,
     except errors.DatasetLayoutError:
       if not tree_missing:
         raise
-      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed, **kwargs)  # says what is missing
+      # Says what is missing.
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed, **kwargs)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'Unknown dataset {dataset!r} (config.dataset). {e}') from e
   if not builder.is_prepared():

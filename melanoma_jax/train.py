@@ -295,7 +295,8 @@ def _init_from_pretrained(state: steps.TrainState, config: ml_collections.Config
   path = config.model.init_from
   try:
     _, pretrained = models.load_pretrained(config.model.name, path)
-    fit = metadata_lib.fit_pretrained if getattr(state.model, 'uses_metadata', False) else models.fit_pretrained
+    with_metadata = getattr(state.model, 'uses_metadata', False)
+    fit = metadata_lib.fit_pretrained if with_metadata else models.fit_pretrained
     variables = fit(config.model.name, pretrained, jax.device_get(state.variables))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.init_from={path}: {e}') from None

@@ -60,7 +60,8 @@ def test_rerun_after_a_kill_decodes_only_the_rest_and_prepares_the_same_data(tre
   assert 1 <= kept <= 10  # Decoding runs ahead on threads: those done by the kill are kept.
 
   calls.clear()
-  monkeypatch.setattr(preparation, 'decode_image', lambda path, *args: calls.append(path) or decode(path, *args))
+  monkeypatch.setattr(preparation, 'decode_image',
+                      lambda path, *args: calls.append(path) or decode(path, *args))
   builder = _builder(tree, tmp_path / 'resumed')
   with caplog.at_level(logging.INFO):
     builder.download_and_prepare()

@@ -75,7 +75,8 @@ def test_border_crop_finds_the_dermoscope_field_and_leaves_other_images_alone(tm
   with Image.open(tmp_path / 'skin.png') as image:
     assert preprocessing.dermoscope_field(image) is None
   untouched = preprocessing.decode_image(tmp_path / 'skin.png', 64, Preprocess(crop_border=True))
-  np.testing.assert_array_equal(untouched.pixels, preprocessing.decode_image(tmp_path / 'skin.png', 64).pixels)
+  np.testing.assert_array_equal(untouched.pixels,
+                                preprocessing.decode_image(tmp_path / 'skin.png', 64).pixels)
   assert untouched.conversions == ()
   # Cropping twice changes nothing more: the cropped field has no border left.
   Image.fromarray(cropped.pixels).save(tmp_path / 'again.png')
