@@ -42,6 +42,11 @@ def test_shades_of_gray_removes_a_colour_cast():
   assert np.abs(corrected - expected).max() <= 1.5
   means = corrected.reshape(-1, 3).mean(axis=0)
   assert means.max() / means.min() < 1.01
+  # Black (padding, a dermoscope's border) changes the estimate's length, not its direction.
+  framed = np.pad(np.rint(scene * cast).astype(np.uint8), ((10, 10), (0, 20), (0, 0)))
+  framed_corrected = preprocessing.shades_of_gray(framed, 6)
+  assert np.abs(framed_corrected[10:-10, :-20].astype(int) - corrected).max() <= 1
+  assert not framed_corrected[:10].any()
 
 
 def _dermoscope(path, size=(240, 180), center=(124, 88), radius=80, seed=0):
@@ -134,6 +139,7 @@ def _config(**preprocess):
 @pytest.mark.parametrize('preprocess, message', [
     ({'aspect': 'letterbox'}, r"aspect='letterbox' must be one of 'squash'.*'center_crop'.*'pad'"),
     ({'shades_of_gray_p': 0}, r'shades_of_gray_p=0 must be an integer in \[1, 64\]'),
+    ({'gamma': 2.2}, r"config.preprocess has no field 'gamma'"),
 ])
 def test_bad_options_are_refused_with_the_choices(preprocess, message):
   with pytest.raises(ConfigError, match=message):
