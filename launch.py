@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from melanoma_jax import runtime
+from melanoma_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
@@ -47,8 +47,8 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import (cli, cross_validation, distributed, ensemble, errors, input_pipeline,
-                            preemption, train)
+  from melanoma_jax import (cross_validation, distributed, ensemble, errors, input_pipeline, preemption,
+                            train)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   # Paths relative to the current directory, or with ~, become absolute here, once.
@@ -84,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   runtime.configure(reexec=True)
-  app.run(main)
+  cli.run(main)
