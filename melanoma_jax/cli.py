@@ -1,4 +1,4 @@
-"""What the command-line tools share: one flag convention, users' paths, a trained run's restore.
+"""What the command-line tools share: one flag convention, and a trained run's restore.
 
 Every command takes absl flags, as launch.py does: `--name=value` or
 `--name value`, `--flag`/`--noflag` for booleans, a flag that takes several
@@ -15,8 +15,6 @@ and launch.py, and `main(argv)` parses the arguments it is given (`parse`).
 """
 
 import math
-import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -24,37 +22,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import ml_collections
 from absl import app, flags
 
-from melanoma_jax import errors
+from melanoma_jax import errors, paths
 
 if TYPE_CHECKING:  # JAX loads only once runtime.configure has set its flags.
   from melanoma_jax import steps
 
 # Flags defined by the functions below belong to the command that calls them (its --help).
 flags.disclaim_key_flags()
-
-# Config fields that name files or folders the user gives.
-CONFIG_PATHS = ('data_dir', 'manual_dir', 'groups_csv')
-_URI = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
-
-
-def user_path(path: str | None) -> str | None:
-  """A path as the user typed it, made absolute: `~` expanded, relative to the current directory.
-
-  Resolved once, where it enters, so the run records where it really is:
-  orbax refuses relative checkpoint paths, and a rerun from another
-  directory must name the same files. URIs (gs://bucket/...) stay as they are.
-  """
-  if path is None or _URI.match(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_config_paths(config: ml_collections.ConfigDict) -> None:
-  """`user_path` on the config's path fields (data_dir, manual_dir, groups_csv), in place."""
-  for field in CONFIG_PATHS:
-    if config.get(field):
-      config[field] = user_path(config[field])
-
 
 # Help flag -> what it lists: the command's own flags, or all (absl's --flagfile and --undefok too).
 _HELP = {'help': 'own', 'helpshort': 'own', '?': 'own', 'h': 'own', 'helpfull': 'all'}
@@ -125,10 +99,10 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: str,
 
 
 class _PathParser(flags.ArgumentParser):
-  """A path the user typed, made absolute where it enters (`user_path`)."""
+  """A path the user typed, made absolute where it enters (`paths.user_path`)."""
 
   def parse(self, argument: str) -> str | None:
-    return user_path(argument)
+    return paths.user_path(argument)
 
   def flag_type(self) -> str:
     return 'path'
@@ -136,7 +110,7 @@ class _PathParser(flags.ArgumentParser):
 
 def define_path(name: str, help_text: str, flag_values: flags.FlagValues, required: bool = False,
                 several: bool = False) -> None:
-  """A flag naming a file or folder (`several`: repeatable); see `user_path`."""
+  """A flag naming a file or folder (`several`: repeatable); see `paths.user_path`."""
   if several:
     flags.DEFINE_multi(_PathParser(), flags.ArgumentSerializer(), name, None, help_text,
                        flag_values=flag_values, required=required)
@@ -166,7 +140,7 @@ def restore(workdir: str, step: int | None
   # TensorFlow only decodes data here: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from melanoma_jax import errors, train  # pylint: disable=g-import-not-at-top
+  from melanoma_jax import train  # pylint: disable=g-import-not-at-top
   try:
     return train.restore_for_inference(workdir, step)
   except (FileNotFoundError, errors.UserError) as e:

@@ -30,7 +30,7 @@ import jax
 from absl import flags
 from etils import epath
 
-from melanoma_jax import cli, ensemble, evaluation, input_pipeline
+from melanoma_jax import cli, clinical_report, ensemble, errors, input_pipeline
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target_sensitivity.
 
@@ -56,15 +56,15 @@ def _evaluate_ensemble() -> None:
     target = checkpointing.read_config(first).get('target_sensitivity', DEFAULT_TARGET_SENSITIVITY)
   try:
     result = ensemble.evaluate_runs(FLAGS.workdir, FLAGS.split, FLAGS.combine, FLAGS.tta, target)
-  except (ensemble.EnsembleError, FileNotFoundError) as e:
+  except (errors.EnsembleError, FileNotFoundError) as e:
     raise SystemExit(f'Error: {e}') from None
   name = f'ensemble-{FLAGS.split}' + ('-rank' if FLAGS.combine == 'rank' else '') + ('-tta' if FLAGS.tta else '')
   output_dir = epath.Path(FLAGS.output_dir or epath.Path(FLAGS.workdir[0]) / 'evaluation' / name)
   ensemble.write(output_dir, result)
   if jax.process_index() == 0:
-    print(evaluation.headline(result.evaluation.report))
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
-          f'{evaluation.PREDICTIONS_CSV}, {ensemble.ENSEMBLE_FILE} and plots.')
+    print(clinical_report.headline(result.evaluation.report))
+    print(f'Wrote {output_dir / clinical_report.REPORT_MD}, {clinical_report.REPORT_JSON}, '
+          f'{clinical_report.PREDICTIONS_CSV}, {ensemble.ENSEMBLE_FILE} and plots.')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -86,13 +86,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 'selected_by': 'lowest validation loss' if FLAGS.step is None else 'given --step'}
   # Any device count: round the batch up to a multiple of it.
   batch_size = math.ceil(config.batch_size / jax.device_count()) * jax.device_count()
-  result = evaluation.evaluate_checkpoint(state, data, FLAGS.split, target, batch_size, checkpoint, FLAGS.tta)
+  result = clinical_report.evaluate_checkpoint(state, data, FLAGS.split, target, batch_size, checkpoint, FLAGS.tta)
   output_dir = epath.Path(FLAGS.output_dir or epath.Path(workdir) / 'evaluation' /
                           (f'{FLAGS.split}-step{step}' + ('-tta' if FLAGS.tta else '')))
-  evaluation.write_reports(output_dir, result)
+  clinical_report.write_reports(output_dir, result)
   if jax.process_index() == 0:
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
-          f'{evaluation.PREDICTIONS_CSV} and plots.')
+    print(f'Wrote {output_dir / clinical_report.REPORT_MD}, {clinical_report.REPORT_JSON}, '
+          f'{clinical_report.PREDICTIONS_CSV} and plots.')
 
 
 if __name__ == '__main__':

@@ -29,9 +29,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from melanoma_jax import calibration, checkpointing, cli, ensemble, evaluation, ood, preprocessing, steps
+from melanoma_jax import calibration, checkpointing, cli, clinical_report, ensemble, errors, ood, preprocessing, steps
 from melanoma_jax import metadata as metadata_lib
-from melanoma_jax.datasets import image_folders, tables
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import tables
 
 FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
 cli.define_run_flags(FLAGS, several=True)
@@ -57,7 +58,7 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   for path in map(pathlib.Path, paths):
     if path.is_dir():
       found += sorted(p for p in path.rglob('*') if p.is_file()
-                      and p.suffix.lower() in image_folders.IMAGE_EXTENSIONS
+                      and p.suffix.lower() in folder_layout.IMAGE_EXTENSIONS
                       and not any(part.startswith('.') for part in p.relative_to(path).parts))
     else:
       found.append(path)
@@ -72,7 +73,7 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
     return preprocessing.model_input(path, stored_size, image_size), None
-  except preprocessing.UnreadableImageError as e:
+  except errors.UnreadableImageError as e:
     return None, str(e)
 
 
@@ -119,7 +120,7 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   An image whose out-of-distribution score exceeds `ood_threshold` is
   refused: `in_distribution` no, no alert, and `refused` says why.
   """
-  m = evaluation.melanoma_index(class_names)
+  m = clinical_report.melanoma_index(class_names)
   row = {'file': str(path), 'error': error, 'predicted_class': None,
          'melanoma_probability': None, 'melanoma_alert': None,
          'in_distribution': None, 'ood_score': ood_score, 'refused': None,
@@ -145,7 +146,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
   out-of-distribution score, p_<class>..., why refused, error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
              'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
-  evaluation.write_csv(path, columns, [
+  clinical_report.write_csv(path, columns, [
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
@@ -154,13 +155,13 @@ def _ensemble_predictions(files: Sequence[pathlib.Path]) -> tuple[list[str], flo
   try:
     description = ensemble.read_description(FLAGS.ensemble or FLAGS.workdir[0])
     if ensemble.run_paths(description['runs']) != ensemble.run_paths(FLAGS.workdir):
-      raise ensemble.EnsembleError(f'{FLAGS.ensemble or FLAGS.workdir[0]} describes the ensemble of '
+      raise errors.EnsembleError(f'{FLAGS.ensemble or FLAGS.workdir[0]} describes the ensemble of '
                                    f'{description["runs"]}, not of {FLAGS.workdir}.')
     if FLAGS.tta != description['tta']:
-      raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+      raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
                                    '--tta and its threshold holds only that way: pass the same.')
     results = ensemble.predict_files(description, files, FLAGS.batch_size)
-  except ensemble.EnsembleError as e:
+  except errors.EnsembleError as e:
     sys.exit(f'Error: {e}')
   operating_point = description['operating_point']
   threshold = FLAGS.threshold if FLAGS.threshold is not None else (operating_point and operating_point['threshold'])
@@ -169,11 +170,12 @@ def _ensemble_predictions(files: Sequence[pathlib.Path]) -> tuple[list[str], flo
 
 def main(argv: Sequence[str] | None = None) -> None:
   """The command with arguments `argv` (without the program name; default the command line's)."""
-  paths = cli.parse(FLAGS, argv, __doc__, positional='image file or folder (PATH) to predict')
-  runs = [p for p in paths if ensemble.is_cv_run(p) or (pathlib.Path(p) / checkpointing.CONFIG_FILE).exists()]
+  image_paths = cli.parse(FLAGS, argv, __doc__, positional='image file or folder (PATH) to predict')
+  runs = [p for p in image_paths
+          if ensemble.is_cv_run(p) or (pathlib.Path(p) / checkpointing.CONFIG_FILE).exists()]
   if runs:
     sys.exit(f'Error: {runs} are training runs, not images: give several runs as --workdir=A --workdir=B.')
-  files = find_images(paths)
+  files = find_images(image_paths)
   if len(FLAGS.workdir) > 1 or ensemble.is_cv_run(FLAGS.workdir[0]) or FLAGS.ensemble:
     class_names, threshold, results = _ensemble_predictions(files)
     _write_results(FLAGS.workdir, class_names, threshold, results, step=None)
@@ -181,14 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   workdir = FLAGS.workdir[0]
   state, config, meta = cli.restore(workdir, FLAGS.step)
   class_names = meta['class_names']
-  operating_point = evaluation.read_operating_point(workdir)
+  operating_point = clinical_report.read_operating_point(workdir)
   threshold = FLAGS.threshold if FLAGS.threshold is not None else (
       operating_point and operating_point['threshold'])
   if FLAGS.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
   metadata_csv = FLAGS.metadata_csv or next(
-      (p / 'metadata.csv' for p in map(pathlib.Path, paths) if (p / 'metadata.csv').is_file()),
+      (p / 'metadata.csv' for p in map(pathlib.Path, image_paths) if (p / 'metadata.csv').is_file()),
       None)
   metadata = None
   if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):

@@ -25,7 +25,7 @@ from jax.scipy import ndimage
 import numpy as np
 from absl import flags
 
-from melanoma_jax import cli, models, plots, preprocessing, steps
+from melanoma_jax import cli, errors, models, plots, preprocessing, steps
 
 FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
 cli.define_run_flags(FLAGS)
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pixels = preprocessing.model_input(FLAGS.image, cli.stored_image_size(config, meta), config.image_size)
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if chosen is None else class_index(chosen, class_names)
-  except (preprocessing.UnreadableImageError, ValueError) as e:
+  except (errors.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {FLAGS.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
   os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
