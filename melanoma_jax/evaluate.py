@@ -37,7 +37,8 @@ DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target
 FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
 cli.define_run_flags(FLAGS, several=True)
 flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'],
-                  'Split to report on (besides validation, where the threshold is chosen).', flag_values=FLAGS)
+                  'Split to report on (besides validation, where the threshold is chosen).',
+                  flag_values=FLAGS)
 cli.define_path('output_dir', 'Where the report goes; default: WORKDIR/evaluation/<split>-step<N>.', FLAGS)
 cli.define_probability('target_sensitivity', 'Melanoma sensitivity the threshold must reach on '
                        "validation; default: the run's config.", FLAGS)

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from melanoma_jax import calibration, checkpointing, cli, clinical_report, ensemble, errors, ood, preprocessing, steps
+from melanoma_jax import (calibration, checkpointing, cli, clinical_report, ensemble, errors, ood, preprocessing,
+                          steps)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import folder_layout
 from melanoma_jax.datasets import tables

@@ -67,7 +67,8 @@ def test_unsupported_convolutions_are_refused():
     layers.resolve('winograd')
 
 
-@pytest.mark.skipif(not runtime.cpu_xla_flags(JAXLIB), reason=f'no XLA:CPU flags were measured on jaxlib {JAXLIB}')
+@pytest.mark.skipif(not runtime.cpu_xla_flags(JAXLIB),
+                    reason=f'no XLA:CPU flags were measured on jaxlib {JAXLIB}')
 def test_auto_picks_the_cpu_lowering_for_the_xla_flags(monkeypatch):
   assert jax.default_backend() == 'cpu'
   assert runtime.cpu_flags_active()  # conftest configures the runtime as launch.py does
