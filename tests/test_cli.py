@@ -36,18 +36,25 @@ def test_tool_help_lists_every_flag_and_exits_0(name, help_flag, capsys):
   assert ('--flagfile' in out) == (help_flag == '--helpfull')
 
 
-def test_every_readme_command_has_help():
-  """The tools (tested above, in this process) load slowly; the others run as the README runs them."""
+def test_every_readme_command_has_help_and_one_line_errors():
+  """The tools (tested here, in this process) load slowly; the others run as the README runs them."""
   commands = _commands_in_readme()
   assert {'launch.py', 'benchmarks/train_throughput.py'} <= {c[0] for c in commands}
   assert {name for _, name in filter(lambda c: c[0] == '-m', commands)} >= {f'melanoma_jax.{t}' for t in TOOLS}
   commands = [c for c in commands if c[-1].removeprefix('melanoma_jax.') not in TOOLS]
-  procs = [subprocess.Popen([sys.executable, *command, '--help'], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for command in commands]
-  for command, proc in zip(commands, procs):
+  runs = [[*command, '--help'] for command in commands] + [['launch.py', '--config=configs/balanced.py',
+                                                           '--nosuch=1']]
+  procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for argv in runs]
+  for argv, proc in zip(runs, procs):
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, (command, err[-2000:])
-    assert '\nflags:\n' in out and re.search(r'^  --', out, re.M), (command, out[-2000:])
+    if argv[-1] == '--help':
+      assert proc.returncode == 0, (argv, err[-2000:])
+      assert '\nflags:\n' in out and re.search(r'^  --', out, re.M), (argv, out[-2000:])
+    else:
+      assert proc.returncode == 1
+      assert err.strip().splitlines()[-1] == "Error: Unknown command line flag 'nosuch' (--help lists the flags)"
+      assert 'Traceback' not in err
 
 
 @pytest.mark.parametrize('argv,message', [
