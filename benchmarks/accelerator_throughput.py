@@ -15,11 +15,11 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from melanoma_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # model name -> image size, as the README's speed table reports them.
 MODELS = {'seed_cnn': 180, 'resnet50': 224, 'efficientnet_b0': 224, 'vit_s16': 224}
@@ -77,6 +77,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   import jax  # pylint: disable=g-import-not-at-top
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
         f'batch {args.batch_size}, MFU against {args.peak_tflops:g} TFLOP/s', flush=True)

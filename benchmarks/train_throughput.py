@@ -42,7 +42,7 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -218,6 +218,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   if args.worker:
     _serve(args)
     return
