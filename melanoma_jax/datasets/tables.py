@@ -45,7 +45,7 @@ class CsvBuilder(preparation.FolderBuilder, skip_registration=True):
   """
   METADATA = True
   TEST_FROM_TRAIN = True
-  VOCABULARY: Mapping[str, str] = {}
+  VOCABULARY: Mapping[str, str]  # Source label -> common class.
 
   def _class_names(self) -> tuple[str, ...]:
     return vocabulary.common_classes(self.VOCABULARY.values())
