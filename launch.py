@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from melanoma_jax import runtime
+from melanoma_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
@@ -85,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   runtime.configure(reexec=True)
-  app.run(main)
+  cli.run(main)
