@@ -46,8 +46,7 @@ import tensorflow as tf
 
 from configs import balanced
 import melanoma_jax
-from melanoma_jax import input_pipeline, models, optim
-from melanoma_jax import datasets
+from melanoma_jax import cli, datasets, input_pipeline, models, optim
 from melanoma_jax.datasets import ISIC_CLASSES, preparation, user_folder
 
 FLAGS = flags.FLAGS
@@ -289,4 +288,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
