@@ -16,7 +16,7 @@ each image.
 import json
 import pathlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from melanoma_jax import runtime
@@ -124,6 +124,23 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
+def prediction_rows(results: Iterable[tuple], class_names: Sequence[str], threshold: float | None,
+                    temperature: dict[str, Any] | None = None,
+                    detector: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """`prediction_row` of each of `results`: (file, probabilities, error[, out-of-distribution score]).
+
+  `temperature` (the run's calibration) scales the probabilities; with the
+  run's `detector`, images beyond its threshold are refused.
+  """
+  rows = []
+  for path, probs, error, *score in results:
+    if probs is not None and temperature:
+      probs = calibration.scale(probs, temperature['temperature'])
+    rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
+                               detector and detector['threshold']))
+  return rows
+
+
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
   """Flat columns: file, predicted class, p(melanoma), alert (yes/no), in distribution (yes/no),
   out-of-distribution score, p_<class>..., why refused, error."""
@@ -202,17 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
                    step: int | None, temperature: dict[str, Any] | None = None,
                    detector: dict[str, Any] | None = None) -> None:
-  """The CSV (and JSON) of `results`: (file, probabilities, error[, out-of-distribution score]).
-
-  `temperature` (the run's calibration) scales the probabilities; with the
-  run's `detector`, images beyond its threshold are refused.
-  """
-  rows = []
-  for path, probs, error, *score in results:
-    if probs is not None and temperature:
-      probs = calibration.scale(probs, temperature['temperature'])
-    rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
-                               detector and detector['threshold']))
+  """The CSV (and JSON) of `results`: (file, probabilities, error[, out-of-distribution score])."""
+  rows = prediction_rows(results, class_names, threshold, temperature, detector)
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
