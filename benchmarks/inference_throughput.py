@@ -196,6 +196,7 @@ def main(argv) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     folder, workdir = os.path.join(tmp, 'images'), os.path.join(tmp, 'run')
     os.makedirs(folder)
+    os.makedirs(workdir)
     files = [__import__('pathlib').Path(p) for p in _write_jpegs(folder, n)]
     _write_run(workdir)
     keras_ = _Keras(folder)
