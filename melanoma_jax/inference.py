@@ -276,8 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   temperature = _for_this_step(calibration.read(args.workdir), state, 'calibration')
   detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
   results = predict_files(state, files, config.image_size, args.batch_size, args.tta,
-                          cli.stored_image_size(config, meta), metadata,
-                          detector)
+                          cli.stored_image_size(config, meta), metadata, detector)
   _write_results(args, class_names, threshold, results, step=int(state.step), temperature=temperature,
                  detector=detector)
 
