@@ -26,6 +26,7 @@ latency and each one's peak resident memory.
 
 import json
 import os
+import pathlib
 import resource
 import statistics
 import subprocess
@@ -160,14 +161,12 @@ class _Keras:
     self.process.wait()
 
 
-def _ours(workdir: str, files: list, output: str):
-  """Our prediction path on `files` as `inference` runs it; returns a function of a file list."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-
-  from melanoma_jax import inference, train  # pylint: disable=g-import-not-at-top
+def _ours(workdir: str, files: list[pathlib.Path], output: str):
+  """A function running our prediction path on a list of files as `inference` runs it."""
+  from melanoma_jax import inference, preprocessing, train  # pylint: disable=g-import-not-at-top
 
   state, config, meta = train.restore_for_inference(workdir)
-  detector = _detector(state, inference.preprocessing.model_input(
+  detector = _detector(state, preprocessing.model_input(
       files[0], meta['stored_image_size'], config.image_size))
   temperature = {'temperature': 1.5}
 
@@ -197,7 +196,7 @@ def main(argv) -> None:
     folder, workdir = os.path.join(tmp, 'images'), os.path.join(tmp, 'run')
     os.makedirs(folder)
     os.makedirs(workdir)
-    files = [__import__('pathlib').Path(p) for p in _write_jpegs(folder, n)]
+    files = [pathlib.Path(p) for p in _write_jpegs(folder, n)]
     _write_run(workdir)
     keras_ = _Keras(folder)
     print(f'keras: first batch {keras_.first["first_batch_s"]:.1f} s after process start '
