@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(_HERE, '..'))
 sys.path.insert(0, _HERE)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -180,8 +180,11 @@ def _ours(workdir: str, files: list[pathlib.Path], output: str):
   return run
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   if _WORKER.value:
     _keras_worker(_WORKER.value)
     return
