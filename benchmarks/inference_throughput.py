@@ -13,7 +13,7 @@ trained run has. Then, in alternating timed passes over all the files:
          resized as training saw them, the jitted model, calibration, refusal,
          rows and the CSV (what `python -m melanoma_jax.inference` does after
          restoring the run);
-  keras  the Keras seed model (benchmarks/train_throughput.py's) in a process
+  keras  the Keras seed model (benchmarks/keras_models.py) in a process
          of its own, `model.predict` on a tf.data pipeline of the same files
          as a Keras user writes it: read, `decode_jpeg`, `resize` to the same
          image size, mapped with AUTOTUNE, batched, prefetched.
@@ -36,7 +36,6 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, '..'))
-sys.path.insert(0, _HERE)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -111,10 +110,11 @@ def _keras_worker(folder: str) -> None:
   start = time.perf_counter()
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import train_throughput  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import keras_models  # pylint: disable=g-import-not-at-top
 
   size = _IMAGE_SIZE.value
-  model = train_throughput._KERAS_MODELS['seed_cnn'](keras, (size, size, 3), _CLASSES)  # pylint: disable=protected-access
+  model = keras_models.seed_cnn(keras, (size, size, 3), _CLASSES)
 
   def load(path):
     return tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(path), channels=3), (size, size))
