@@ -40,14 +40,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to generate and predict.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 180, "The model's input side.")
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEGs to generate and predict.', lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 180, "The model's input side.", lower_bound=1)
 _STORED_SIZE = flags.DEFINE_integer('stored_image_size', 256,
-                                    "The run's stored image side (the folder builders' 256).")
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size of both.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed passes of each, alternating.')
+                                    "The run's stored image side (the folder builders' 256).",
+                                    lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size of both.', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed passes of each, alternating.', lower_bound=1)
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: serve Keras passes over this folder.')
 
 _CLASSES = 9
@@ -227,4 +228,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
