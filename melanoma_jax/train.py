@@ -142,6 +142,10 @@ class Preempted(Exception):
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         start_over: bool) -> dict[str, Any] | None:
+  """Set up, then each epoch's steps and its end, then the final evaluation.
+
+  Preemption, in an epoch's steps or at its end, leaves here and only here.
+  """
   checkpointing.check_workdir(workdir, config, start_over)
   data = input_pipeline.load_data(config)
   run, state, meta, history = _start(config, workdir, data)
