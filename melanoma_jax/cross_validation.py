@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from melanoma_jax import ensemble, evaluation, train
+from melanoma_jax import clinical_report, ensemble, train
 from melanoma_jax.errors import ConfigError
 
 OOF_FILE = 'oof_predictions.csv'
@@ -77,13 +77,13 @@ def summarize(workdir: epath.PathLike, target_sensitivity: float) -> dict[str, A
   result = ensemble.evaluate_runs([str(workdir)], 'test', 'mean', False, target_sensitivity)
   ensemble.write(workdir, result)
   ensemble.write_predictions(workdir / OOF_FILE, result.validation, result.class_names)
-  folds = [json.loads((d / evaluation.REPORT_JSON).read_text()) for d in ensemble.fold_dirs(workdir)]
+  folds = [json.loads((d / clinical_report.REPORT_JSON).read_text()) for d in ensemble.fold_dirs(workdir)]
   summary = cv_summary(folds, result.evaluation.report)
   if jax.process_index() == 0:
     (workdir / CV_REPORT_JSON).write_text(json.dumps(summary, indent=2, allow_nan=False))
     (workdir / CV_REPORT_MD).write_text(to_markdown(summary))
   logging.info('CV report: %s; ensemble of the folds: %s', workdir / CV_REPORT_MD,
-               evaluation.headline(result.evaluation.report))
+               clinical_report.headline(result.evaluation.report))
   return summary
 
 

@@ -116,7 +116,7 @@ def value(figure: Any) -> Any:
 def add_intervals(split_report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
                   class_names: Sequence[str], num_resamples: int = NUM_RESAMPLES,
                   seed: int = SEED) -> dict[str, Any]:
-  """`evaluation.report`'s dict with its headline figures as {"value", "ci95"}.
+  """`clinical_report.report`'s dict with its headline figures as {"value", "ci95"}.
 
   Accuracy, per-class recall and the melanoma alert's sensitivity,
   specificity, PPV and NPV: Clopper-Pearson from the report's counts.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from melanoma_jax import evaluation, input_pipeline, steps
+from melanoma_jax import clinical_report, input_pipeline, steps
 
 OOD_FILE = 'ood.npz'
 METHODS = ('mahalanobis', 'energy')
@@ -105,7 +105,7 @@ def gather_features(state: steps.TrainState, examples: input_pipeline.Examples,
     local['logits'].append(logits)
     local['labels'].append(batch['label'])
     local['mask'].append(batch['mask'])
-  return evaluation.gather_in_order(local)
+  return clinical_report.gather_in_order(local)
 
 
 def ledoit_wolf(centred: np.ndarray) -> np.ndarray:

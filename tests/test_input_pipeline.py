@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from melanoma_jax import input_pipeline
+from melanoma_jax import errors, input_pipeline
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +105,7 @@ def test_epoch_is_the_train_split_size():
 def test_missing_dataset_is_a_clear_error(tiny_config):
   bad = tiny_config.copy_and_resolve_references()
   bad.dataset = 'no_such_lesions'
-  with pytest.raises(input_pipeline.DataError, match='no_such_lesions'):
+  with pytest.raises(errors.DataError, match='no_such_lesions'):
     input_pipeline.load_data(bad)
 
 

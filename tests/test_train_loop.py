@@ -20,7 +20,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sklearn import metrics as sk
 
-from melanoma_jax import checkpointing, evaluation, input_pipeline, train
+from melanoma_jax import checkpointing, clinical_report, input_pipeline, train
 
 BATCH = 8
 
@@ -176,12 +176,12 @@ def _predictions(n=60, seed=0):
   logits = rng.normal(size=(n, len(CLASSES)))
   probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
   labels = np.arange(n) % len(CLASSES)
-  return evaluation.Predictions(probs.astype(np.float32), labels.astype(np.int32),
+  return clinical_report.Predictions(probs.astype(np.float32), labels.astype(np.int32),
                                 -np.log(probs[np.arange(n), labels]).astype(np.float32))
 
 
 def _end_epoch(tiny_config, tmp_path, monkeypatch, state, val):
-  monkeypatch.setattr(evaluation, 'gather_predictions', lambda *args: val)
+  monkeypatch.setattr(clinical_report, 'gather_predictions', lambda *args: val)
   data = types.SimpleNamespace(val='val split', class_names=CLASSES, stored_image_size=48)
   run = train.Run(tiny_config, data, tmp_path, checkpointing.manager(tmp_path),
                   EPOCH_STEPS, None, tf.summary.create_file_writer(str(tmp_path / 'tensorboard')))
