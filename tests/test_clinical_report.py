@@ -34,9 +34,9 @@ def test_confusion_and_per_class_metrics_match_sklearn(seed, ties):
   probs, labels = _predictions(seed, ties)
   predicted = probs.argmax(axis=1)
   classes = list(range(NUM_CLASSES))
-  confusion = clinical_report.confusion_matrix(labels, predicted, NUM_CLASSES)
+  confusion = metrics_lib.confusion_matrix(labels, predicted, NUM_CLASSES)
   np.testing.assert_array_equal(confusion, sk.confusion_matrix(labels, predicted, labels=classes))
-  ours = clinical_report.per_class_metrics(confusion)
+  ours = metrics_lib.per_class_metrics(confusion)
   precision, recall, f1, support = sk.precision_recall_fscore_support(
       labels, predicted, labels=classes, zero_division=np.nan)
   for name, expected in (('precision', precision), ('recall', recall), ('f1', f1), ('support', support)):
@@ -66,7 +66,7 @@ def test_roc_auc_and_curve_match_sklearn(seed, ties):
       continue
     expected.append(sk.roc_auc_score(labels == c, probs[:, c]))
     assert ours == pytest.approx(expected[-1], abs=1e-12)
-    fpr, tpr, thresholds = clinical_report.roc_curve(probs[:, c], labels == c)
+    fpr, tpr, thresholds = metrics_lib.roc_curve(probs[:, c], labels == c)
     sk_fpr, sk_tpr, sk_thresholds = sk.roc_curve(labels == c, probs[:, c], drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
@@ -109,14 +109,14 @@ def test_calibration_matches_sklearn_and_the_definition(seed, ties):
   probs, labels = _predictions(seed, ties)
   for probability, outcome in ((probs.max(axis=1), probs.argmax(axis=1) == labels),
                                (probs[:, 1], labels == 1)):
-    bins = clinical_report.reliability(probability, outcome)
+    bins = metrics_lib.reliability(probability, outcome)
     filled = bins['count'] > 0
     sk_frequency, sk_mean = calibration.calibration_curve(
-        outcome, probability, n_bins=clinical_report.NUM_CALIBRATION_BINS, strategy='uniform')
+        outcome, probability, n_bins=metrics_lib.NUM_CALIBRATION_BINS, strategy='uniform')
     np.testing.assert_allclose(bins['frequency'][filled], sk_frequency)
     np.testing.assert_allclose(bins['mean_probability'][filled], sk_mean)
-    assert clinical_report.expected_calibration_error(probability, outcome) == pytest.approx(
-        _reference_ece(probability, outcome, clinical_report.NUM_CALIBRATION_BINS))
+    assert metrics_lib.expected_calibration_error(probability, outcome) == pytest.approx(
+        _reference_ece(probability, outcome, metrics_lib.NUM_CALIBRATION_BINS))
 
 
 @pytest.mark.parametrize('target', [0.5, 0.9, 0.95, 1.0])
@@ -124,7 +124,7 @@ def test_calibration_matches_sklearn_and_the_definition(seed, ties):
 def test_threshold_reaches_the_target_sensitivity_with_fewest_alerts(seed, ties, target):
   probs, labels = _predictions(seed, ties)
   p, positive = probs[:, 3], labels == 3
-  threshold = clinical_report.choose_threshold(p, positive, target)
+  threshold = metrics_lib.choose_threshold(p, positive, target)
   assert np.mean(p[positive] >= threshold) >= target
   higher = p[p > threshold]
   if len(higher):  # The next threshold up misses the target: none alerts less.
@@ -133,9 +133,9 @@ def test_threshold_reaches_the_target_sensitivity_with_fewest_alerts(seed, ties,
 
 def test_threshold_needs_melanomas_and_a_sensible_target():
   with pytest.raises(ValueError, match='No melanoma'):
-    clinical_report.choose_threshold(np.array([0.2, 0.7]), np.array([False, False]), 0.9)
+    metrics_lib.choose_threshold(np.array([0.2, 0.7]), np.array([False, False]), 0.9)
   with pytest.raises(ValueError, match='target_sensitivity'):
-    clinical_report.choose_threshold(np.array([0.2, 0.7]), np.array([True, False]), 0.0)
+    metrics_lib.choose_threshold(np.array([0.2, 0.7]), np.array([True, False]), 0.0)
 
 
 def test_binary_task_reports_the_melanoma_column_and_is_strict_json():

@@ -128,7 +128,7 @@ def _kill_when(monkeypatch, module, name, condition):
     # after the history row, before TensorBoard and the curves
     (reporting, 'write_summaries', lambda writer, row: row['epoch'] == 1),
     # in the final evaluation, before the reports
-    (evaluation, 'write_reports', lambda *args: True),
+    (clinical_report, 'write_reports', lambda *args: True),
 ], ids=['before_history', 'before_summaries', 'in_final_evaluation'])
 def test_kill_at_an_epoch_end_resumes_to_the_uninterrupted_run(reference, tiny_config, tmp_path,
                                                                 monkeypatch, module, name, condition):
@@ -325,7 +325,7 @@ def test_sigterm_outside_the_training_steps_exits_cleanly(reference, tiny_config
   ref_dir, ref_result = reference
   workdir = _copy(ref_dir, tmp_path) if phase == 'final_evaluation' else tmp_path / 'run'
   module, name = ((input_pipeline, 'load_data') if phase == 'data_loading'
-                  else (evaluation, 'evaluate_checkpoint'))
+                  else (clinical_report, 'evaluate_checkpoint'))
   original = getattr(module, name)
 
   def signalled(*args, **kwargs):

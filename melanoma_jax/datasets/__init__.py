@@ -17,9 +17,11 @@ Builders of datasets with patient metadata (HAM10000, ISIC 2019, SIIM-ISIC
 - ``site``: the anatomical site, one of `vocabulary.SITES` or '' (unknown).
 """
 
-from melanoma_jax.datasets.features import (ISIC_CLASSES, ISIC_TRAIN_COUNTS, MELANOMA, METADATA_FEATURES,
-                                            lesion_features)
-from melanoma_jax.datasets import ham10000, isic2019, isic2020, isic_skin_cancer, synthetic_lesions, user_folder
+# The contract, importable as `datasets.X`.
+from melanoma_jax.datasets.features import (  # noqa: F401
+    ISIC_CLASSES, ISIC_TRAIN_COUNTS, MELANOMA, METADATA_FEATURES, lesion_features)
+from melanoma_jax.datasets import (ham10000, isic2019, isic2020, isic_skin_cancer, synthetic_lesions,
+                                   user_folder)
 
 # config.dataset names (before any '/config') -> builder class. A new dataset is a
 # builder module in this package (see `preparation.FolderBuilder`) and one entry here.
