@@ -14,7 +14,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from melanoma_jax import runtime
+from melanoma_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
@@ -88,4 +88,4 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
 
 if __name__ == '__main__':
   runtime.configure(reexec=True)
-  app.run(main)
+  cli.run(main)

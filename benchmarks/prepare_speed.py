@@ -23,14 +23,14 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 from PIL import Image
 import tensorflow as tf  # noqa: F401  Imported before timing: TFDS imports it lazily.
 import tensorflow_datasets as tfds
 
 from benchmarks.input_pipeline import write_fixture_tree
-from melanoma_jax import preprocessing
+from melanoma_jax import cli, preprocessing
 from melanoma_jax.datasets import preparation
 
 FLAGS = flags.FLAGS
@@ -134,4 +134,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
