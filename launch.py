@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
 
 
 def _prepare(config: ml_collections.ConfigDict) -> None:
-  """Prepares every dataset `config.dataset` names; SIGTERM stops it, keeping nothing half-prepared."""
+  """Prepares every dataset `config.dataset` names; SIGTERM stops it, and a rerun goes on."""
   from melanoma_jax import input_pipeline, preemption  # pylint: disable=g-import-not-at-top
   try:
     # TFDS removes its half-written folder when Stopped unwinds through it.
@@ -83,7 +83,8 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
         builder = input_pipeline.prepared_builder(config, dataset)
         logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
   except preemption.Stopped:
-    logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
+    logging.warning('Stopped by SIGTERM before the dataset was prepared. Rerun to prepare: '
+                    'the images decoded so far are reused.')
 
 
 if __name__ == '__main__':

@@ -69,11 +69,12 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
-def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int,
+            preprocess: preprocessing.Preprocess) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return preprocessing.model_input(path, stored_size, image_size), None
+    return preprocessing.model_input(path, stored_size, image_size, preprocess), None
   except errors.UnreadableImageError as e:
     return None, str(e)
 
@@ -81,12 +82,14 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
                   batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None,
-                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
+                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None,
+                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
   """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
-  default `image_size`) and resized as training resized them
+  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
+  resized as training resized them
   (`preprocessing.model_input`). They are decoded a batch at a time; every
   batch is padded to `batch_size`, so the jitted predict compiles once.
   `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
@@ -96,7 +99,7 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size, preprocess) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -151,8 +154,10 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
-def _ensemble_predictions(files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
-  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
+def _ensemble_predictions(files: Sequence[pathlib.Path], metadata_csv: pathlib.Path | str | None
+                          ) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs;
+  `metadata_csv` feeds its models that have a metadata branch."""
   try:
     description = ensemble.read_description(FLAGS.ensemble or FLAGS.workdir[0])
     if ensemble.run_paths(description['runs']) != ensemble.run_paths(FLAGS.workdir):
@@ -161,12 +166,20 @@ def _ensemble_predictions(files: Sequence[pathlib.Path]) -> tuple[list[str], flo
     if FLAGS.tta != description['tta']:
       raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
                                    '--tta and its threshold holds only that way: pass the same.')
-    results = ensemble.predict_files(description, files, FLAGS.batch_size)
+    results = ensemble.predict_files(description, files, FLAGS.batch_size,
+                                     metadata_csv and metadata_lib.read_csv(metadata_csv))
   except errors.EnsembleError as e:
     sys.exit(f'Error: {e}')
   operating_point = description['operating_point']
   threshold = FLAGS.threshold if FLAGS.threshold is not None else (operating_point and operating_point['threshold'])
   return description['class_names'], threshold, results
+
+
+def _metadata_csv(image_paths: Sequence[str]) -> pathlib.Path | str | None:
+  """--metadata_csv, else metadata.csv in a PATH folder, else None."""
+  return FLAGS.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, image_paths) if (p / 'metadata.csv').is_file()),
+      None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -178,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(f'Error: {runs} are training runs, not images: give several runs as --workdir=A --workdir=B.')
   files = find_images(image_paths)
   if len(FLAGS.workdir) > 1 or ensemble.is_cv_run(FLAGS.workdir[0]) or FLAGS.ensemble:
-    class_names, threshold, results = _ensemble_predictions(files)
+    class_names, threshold, results = _ensemble_predictions(files, _metadata_csv(image_paths))
     _write_results(FLAGS.workdir, class_names, threshold, results, step=None)
     return
   workdir = FLAGS.workdir[0]
@@ -190,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if FLAGS.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  metadata_csv = FLAGS.metadata_csv or next(
-      (p / 'metadata.csv' for p in map(pathlib.Path, image_paths) if (p / 'metadata.csv').is_file()),
-      None)
+  metadata_csv = _metadata_csv(image_paths)
   metadata = None
   if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
     metadata = metadata_lib.read_csv(metadata_csv)
@@ -203,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   detector = _for_this_step(ood.read(workdir), state, 'out-of-distribution detector')
   results = predict_files(state, files, config.image_size, FLAGS.batch_size, FLAGS.tta,
                           cli.stored_image_size(config, meta), metadata,
-                          detector and ood.scorer(detector))
+                          detector and ood.scorer(detector), preprocessing.Preprocess.from_config(config))
   _write_results(workdir, class_names, threshold, results, step=int(state.step), temperature=temperature,
                  detector=detector)
 

@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   class_names = meta['class_names']
   chosen = FLAGS['class'].value
   try:
-    pixels = preprocessing.model_input(FLAGS.image, cli.stored_image_size(config, meta), config.image_size)
+    pixels = preprocessing.model_input(FLAGS.image, cli.stored_image_size(config, meta), config.image_size,
+                                       preprocessing.Preprocess.from_config(config))
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if chosen is None else class_index(chosen, class_names)
   except (errors.UnreadableImageError, ValueError) as e:
