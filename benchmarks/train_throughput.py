@@ -97,7 +97,7 @@ def _keras_seed_cnn(keras, input_shape, num_classes):
   """The Keras seed model (shared/REFERENCE.md's layer table)."""
   layers = keras.layers
   return keras.Sequential([
-      keras.Input(images.shape[1:]),
+      keras.Input(input_shape),
       layers.Rescaling(1 / 255),
       layers.Conv2D(32, 3, activation='relu'),
       layers.Conv2D(32, 3, activation='relu'),
