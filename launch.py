@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from melanoma_jax import runtime
+from melanoma_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
             builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
             logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
       except preemption.Stopped:
-        logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
+        logging.warning('Stopped by SIGTERM before the dataset was prepared. Rerun to prepare: '
+                        'the images decoded so far are reused.')
         return
       return
     if not workdir:
@@ -84,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   runtime.configure(reexec=True)
-  app.run(main)
+  cli.run(main)

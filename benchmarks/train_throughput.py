@@ -47,30 +47,32 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def _parse_args() -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='seed_cnn',
-                      help=f'names in melanoma_jax.models.MODELS, comma-separated, or all ({",".join(ALL_MODELS)})')
-  parser.add_argument('--image_size', type=int, default=0,
-                      help='0: each model\'s own (seed_cnn 180, the others 224)')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--num_classes', type=int, default=9)
-  parser.add_argument('--windows', type=int, default=5, help='timed windows per contender')
-  parser.add_argument('--steps_per_window', type=int, default=3)
-  parser.add_argument('--conv_impl', default='auto', help="seed_cnn only: its conv_impl, e.g. 'native'")
-  parser.add_argument('--settle_s', type=float, default=2.0,
-                      help='idle seconds before each window, so the previous contender\'s threads wind down')
-  parser.add_argument('--loop_epochs', type=int, default=3, help='0 skips the loop')
-  parser.add_argument('--loop_models', default='seed_cnn',
-                      help='comma-separated models whose loop is timed (at 224 px a backbone\'s loop takes most of an hour)')
-  parser.add_argument('--no_keras', action='store_true')
-  parser.add_argument('--untuned', action='store_true',
-                      help='skip melanoma_jax.runtime (XLA:CPU flags, huge pages), as launch.py applies it')
-  parser.add_argument('--worker', choices=sorted(_BUILDERS), help=argparse.SUPPRESS)
-  return parser.parse_args()
+FLAGS = flags.FLAGS
+ALL_MODELS = ('seed_cnn', 'resnet50', 'efficientnet_b0', 'vit_s16')
+_IMAGE_SIZES = {'seed_cnn': 180}  # others: 224, the backbones' pretraining size
+flags.DEFINE_string('model', 'seed_cnn', 'Names in melanoma_jax.models.MODELS, comma-separated, '
+                    f'or all ({",".join(ALL_MODELS)}).')
+flags.DEFINE_integer('image_size', 0, "Image side in pixels; 0: each model's own (seed_cnn 180, "
+                     'the others 224).', lower_bound=0)
+flags.DEFINE_integer('batch_size', 32, 'Images per step.', lower_bound=1)
+flags.DEFINE_integer('num_classes', 9, 'Classes of the head.', lower_bound=1)
+flags.DEFINE_integer('windows', 5, 'Timed windows per contender.', lower_bound=1)
+flags.DEFINE_integer('steps_per_window', 3, 'Steps per timed window.', lower_bound=1)
+flags.DEFINE_string('conv_impl', 'auto', "seed_cnn only: its conv_impl, e.g. 'native'.")
+flags.DEFINE_float('settle_s', 2.0, "Idle seconds before each window, so the previous contender's "
+                   'threads wind down.', lower_bound=0)
+flags.DEFINE_integer('loop_epochs', 3, 'Epochs of the training loop; 0 skips it.', lower_bound=0)
+flags.DEFINE_string('loop_models', 'seed_cnn', "Comma-separated models whose loop is timed (at 224 px "
+                    "a backbone's loop takes most of an hour).")
+flags.DEFINE_bool('no_keras', False, 'Skip the Keras contender.')
+flags.DEFINE_bool('untuned', False, 'Skip melanoma_jax.runtime (XLA:CPU flags, huge pages) for step, '
+                  'as launch.py applies it.')
+flags.DEFINE_enum('worker', None, ['step', 'keras'], 'Internal: this process is that contender '
+                  '(the benchmark starts them itself).')
 
 
 def _peak_rss_gib() -> float:
@@ -176,8 +178,6 @@ def _run_loop(args) -> dict[str, float]:
 
 
 _BUILDERS = {'step': _jax_step, 'keras': _keras_step}
-ALL_MODELS = ('seed_cnn', 'resnet50', 'efficientnet_b0', 'vit_s16')
-_IMAGE_SIZES = {'seed_cnn': 180}  # others: 224, the backbones' pretraining size
 
 
 def _serve(args) -> None:
@@ -225,12 +225,12 @@ class _Contender:
     self.peak_rss_gib = reply['peak_rss_gib']
 
 
-def _worker_argv(args: argparse.Namespace) -> list[str]:
+def _worker_argv(args) -> list[str]:
   return [f'--{name}={getattr(args, name)}'
           for name in ('model', 'image_size', 'batch_size', 'num_classes', 'conv_impl')]
 
 
-def _bench(args: argparse.Namespace) -> dict[str, float]:
+def _bench(args) -> dict[str, float]:
   """One model's contenders, timed in alternating windows; returns their images/sec."""
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -284,18 +284,25 @@ def _bench(args: argparse.Namespace) -> dict[str, float]:
   return medians
 
 
-def main() -> None:
-  args = _parse_args()
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   if args.worker:
     _serve(args)
     return
   if not args.untuned:
     runtime.configure(reexec=True)
   names = ALL_MODELS if args.model == 'all' else tuple(args.model.split(','))
+  settings = {name: getattr(args, name) for name in (
+      'batch_size', 'num_classes', 'windows', 'steps_per_window', 'conv_impl', 'settle_s',
+      'loop_epochs', 'loop_models', 'no_keras')}
   results = {}
   for name in names:
     size = args.image_size or _IMAGE_SIZES.get(name, 224)
-    results[name, size] = _bench(argparse.Namespace(**{**vars(args), 'model': name, 'image_size': size}))
+    results[name, size] = _bench(argparse.Namespace(model=name, image_size=size, **settings))
 
   ratio = lambda ours, medians: (f'{medians[ours] / medians["keras"]:.2f}'
                                  if ours in medians and 'keras' in medians else '-')
@@ -308,4 +315,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

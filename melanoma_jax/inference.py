@@ -1,6 +1,7 @@
 """Melanoma alerts for image files with a trained run.
 
   python -m melanoma_jax.inference --workdir=runs/balanced --output=preds.csv [--json] [--tta] PATH...
+  python -m melanoma_jax.inference --workdir=runs/a --workdir=runs/b --ensemble=DIR --output=preds.csv PATH...
 
 PATHs are image files and folders (searched recursively for .jpg .jpeg .png
 .bmp, any case). One CSV row per image: per-class probabilities, predicted
@@ -26,11 +27,27 @@ if __name__ == '__main__':
 
 import jax
 import numpy as np
+from absl import flags
 
-from melanoma_jax import calibration, cli, clinical_report, ensemble, errors, ood, paths, preprocessing, steps
+from melanoma_jax import (calibration, checkpointing, cli, clinical_report, ensemble, errors, ood, preprocessing,
+                          steps)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import folder_layout
 from melanoma_jax.datasets import tables
+
+FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
+cli.define_run_flags(FLAGS, several=True)
+flags.DEFINE_string('ensemble', None, 'Several --workdir runs: the output of `evaluate` on them (its '
+                    "ensemble.json: models, --combine, --tta, threshold); default: a CV run's own.",
+                    flag_values=FLAGS)
+cli.define_path('output', 'CSV file to write.', FLAGS, required=True)
+flags.DEFINE_bool('json', False, 'Also write the results as JSON (.json).', flag_values=FLAGS)
+flags.DEFINE_bool('tta', False, 'Average the 8 flips and rotations.', flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string('metadata_csv', None, 'Age, sex and site per image, for runs trained with '
+                    'model.metadata (default: metadata.csv in a PATH folder, if there).', flag_values=FLAGS)
+cli.define_probability('threshold', "Alert threshold on p(melanoma); default: the run's operating point.",
+                       FLAGS)
 
 
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -52,11 +69,12 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 _PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
 
 
-def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int,
+            preprocess: preprocessing.Preprocess) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return preprocessing.model_input(path, stored_size, image_size), None
+    return preprocessing.model_input(path, stored_size, image_size, preprocess), None
   except errors.UnreadableImageError as e:
     return None, str(e)
 
@@ -64,12 +82,14 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
                   batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None,
-                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
+                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None,
+                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
   """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
-  default `image_size`) and resized as training resized them
+  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
+  resized as training resized them
   (`preprocessing.model_input`). They are decoded a batch at a time; every
   batch is padded to `batch_size`, so the jitted predict compiles once.
   `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
@@ -79,7 +99,7 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
   predict = _PREDICT[tta]
   for start in range(0, len(files), batch_size):
     chunk = files[start:start + batch_size]
-    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
+    decoded = [_decode(path, stored_size or image_size, image_size, preprocess) for path in chunk]
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     for i in readable:
@@ -134,76 +154,76 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
-def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
-  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
+def _ensemble_predictions(files: Sequence[pathlib.Path], metadata_csv: pathlib.Path | str | None
+                          ) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs;
+  `metadata_csv` feeds its models that have a metadata branch."""
   try:
-    description = ensemble.read_description(args.ensemble or args.workdir[0])
-    if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
-      raise errors.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
-                                   f'{description["runs"]}, not of {args.workdir}.')
-    if args.tta != description['tta']:
+    description = ensemble.read_description(FLAGS.ensemble or FLAGS.workdir[0])
+    if ensemble.run_paths(description['runs']) != ensemble.run_paths(FLAGS.workdir):
+      raise errors.EnsembleError(f'{FLAGS.ensemble or FLAGS.workdir[0]} describes the ensemble of '
+                                   f'{description["runs"]}, not of {FLAGS.workdir}.')
+    if FLAGS.tta != description['tta']:
       raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
                                    '--tta and its threshold holds only that way: pass the same.')
-    results = ensemble.predict_files(description, files, args.batch_size)
+    results = ensemble.predict_files(description, files, FLAGS.batch_size,
+                                     metadata_csv and metadata_lib.read_csv(metadata_csv))
   except errors.EnsembleError as e:
     sys.exit(f'Error: {e}')
   operating_point = description['operating_point']
-  threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else (operating_point and operating_point['threshold'])
   return description['class_names'], threshold, results
 
 
+def _metadata_csv(image_paths: Sequence[str]) -> pathlib.Path | str | None:
+  """--metadata_csv, else metadata.csv in a PATH folder, else None."""
+  return FLAGS.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, image_paths) if (p / 'metadata.csv').is_file()),
+      None)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__, several=True)
-  parser.add_argument('--ensemble', default=None,
-                      help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
-                      "models, --combine, --tta, threshold); default: a CV run's own.")
-  parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, type=paths.user_path, help='CSV file to write.')
-  parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
-  parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
-  parser.add_argument('--batch_size', type=cli.positive_int, default=32)
-  parser.add_argument('--metadata_csv', default=None,
-                      help='Age, sex and site per image, for runs trained with model.metadata '
-                           '(default: metadata.csv in a PATH folder, if there).')
-  parser.add_argument('--threshold', type=cli.probability, default=None,
-                      help="Alert threshold on p(melanoma); default: the run's operating point.")
-  args = parser.parse_args(argv)
-  files = find_images(args.paths)
-  if len(args.workdir) > 1 or ensemble.is_cv_run(args.workdir[0]) or args.ensemble:
-    class_names, threshold, results = _ensemble_predictions(args, files)
-    _write_results(args, class_names, threshold, results, step=None)
+  """The command with arguments `argv` (without the program name; default the command line's)."""
+  image_paths = cli.parse(FLAGS, argv, __doc__, positional='image file or folder (PATH) to predict')
+  runs = [p for p in image_paths
+          if ensemble.is_cv_run(p) or (pathlib.Path(p) / checkpointing.CONFIG_FILE).exists()]
+  if runs:
+    sys.exit(f'Error: {runs} are training runs, not images: give several runs as --workdir=A --workdir=B.')
+  files = find_images(image_paths)
+  if len(FLAGS.workdir) > 1 or ensemble.is_cv_run(FLAGS.workdir[0]) or FLAGS.ensemble:
+    class_names, threshold, results = _ensemble_predictions(files, _metadata_csv(image_paths))
+    _write_results(FLAGS.workdir, class_names, threshold, results, step=None)
     return
-  args.workdir = args.workdir[0]
-  state, config, meta = cli.restore(args)
+  workdir = FLAGS.workdir[0]
+  state, config, meta = cli.restore(workdir, FLAGS.step)
   class_names = meta['class_names']
-  operating_point = clinical_report.read_operating_point(args.workdir)
-  threshold = args.threshold if args.threshold is not None else (
+  operating_point = clinical_report.read_operating_point(workdir)
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else (
       operating_point and operating_point['threshold'])
-  if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
+  if FLAGS.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
     print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
           f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  metadata_csv = args.metadata_csv or next(
-      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
-      None)
+  metadata_csv = _metadata_csv(image_paths)
   metadata = None
   if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
     metadata = metadata_lib.read_csv(metadata_csv)
-  elif args.metadata_csv is not None:
-    print(f'Warning: this run has no metadata branch; {args.metadata_csv} is not used.',
+  elif FLAGS.metadata_csv is not None:
+    print(f'Warning: this run has no metadata branch; {FLAGS.metadata_csv} is not used.',
           file=sys.stderr)
-  temperature = _for_this_step(calibration.read(args.workdir), state, 'calibration')
-  detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
-  results = predict_files(state, files, config.image_size, args.batch_size, args.tta,
+  temperature = _for_this_step(calibration.read(workdir), state, 'calibration')
+  detector = _for_this_step(ood.read(workdir), state, 'out-of-distribution detector')
+  results = predict_files(state, files, config.image_size, FLAGS.batch_size, FLAGS.tta,
                           cli.stored_image_size(config, meta), metadata,
-                          detector and ood.scorer(detector))
-  _write_results(args, class_names, threshold, results, step=int(state.step), temperature=temperature,
+                          detector and ood.scorer(detector), preprocessing.Preprocess.from_config(config))
+  _write_results(workdir, class_names, threshold, results, step=int(state.step), temperature=temperature,
                  detector=detector)
 
 
-def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
+def _write_results(workdir: str | list[str], class_names: Sequence[str], threshold: float | None, results,
                    step: int | None, temperature: dict[str, Any] | None = None,
                    detector: dict[str, Any] | None = None) -> None:
-  """The CSV (and JSON) of `results`: (file, probabilities, error[, out-of-distribution score]).
+  """The CSV (and JSON, naming `workdir`: the run or the ensemble's runs) of `results`: (file,
+  probabilities, error[, out-of-distribution score]).
 
   `temperature` (the run's calibration) scales the probabilities; with the
   run's `detector`, images beyond its threshold are refused.
@@ -214,13 +234,13 @@ def _write_results(args, class_names: Sequence[str], threshold: float | None, re
       probs = calibration.scale(probs, temperature['temperature'])
     rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
                                detector and detector['threshold']))
-  output = pathlib.Path(args.output)
+  output = pathlib.Path(FLAGS.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
-  if args.json:
+  if FLAGS.json:
     output.with_suffix('.json').write_text(json.dumps({
-        'workdir': args.workdir, 'step': step, 'class_names': class_names,
-        'threshold': threshold, 'tta': args.tta,
+        'workdir': workdir, 'step': step, 'class_names': class_names,
+        'threshold': threshold, 'tta': FLAGS.tta,
         'temperature': temperature and temperature['temperature'],
         'ood_threshold': detector and detector['threshold'], 'predictions': rows}, indent=2))
   errors = sum(row['error'] is not None for row in rows)

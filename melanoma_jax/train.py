@@ -72,6 +72,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.make_optimizer(config)  # raises on invalid optimizer, schedule or plateau settings
   losses.make_loss(config.get('loss'), None)  # raises on invalid loss settings
   config_checks.check_ranges(config)
+  config_checks.check_preprocess(config)
   config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9))
 
 
@@ -294,7 +295,9 @@ def _init_from_pretrained(state: steps.TrainState, config: ml_collections.Config
   path = config.model.init_from
   try:
     _, pretrained = models.load_pretrained(config.model.name, path)
-    variables = models.fit_pretrained(config.model.name, pretrained, jax.device_get(state.variables))
+    with_metadata = getattr(state.model, 'uses_metadata', False)
+    fit = metadata_lib.fit_pretrained if with_metadata else models.fit_pretrained
+    variables = fit(config.model.name, pretrained, jax.device_get(state.variables))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.init_from={path}: {e}') from None
   params = variables.pop('params')
