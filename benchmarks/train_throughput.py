@@ -49,6 +49,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks import keras_models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -103,46 +104,12 @@ def _jax_step(args, images, labels) -> Callable[[], None]:
   return run
 
 
-def _keras_seed_cnn(keras, input_shape, num_classes):
-  """The Keras seed model (shared/REFERENCE.md's layer table)."""
-  layers = keras.layers
-  return keras.Sequential([
-      keras.Input(input_shape),
-      layers.Rescaling(1 / 255),
-      layers.Conv2D(32, 3, activation='relu'),
-      layers.Conv2D(32, 3, activation='relu'),
-      layers.MaxPooling2D(),
-      layers.Conv2D(64, 3, activation='relu'),
-      layers.BatchNormalization(),
-      layers.MaxPooling2D(),
-      layers.Conv2D(128, 3, activation='relu'),
-      layers.BatchNormalization(),
-      layers.MaxPooling2D(),
-      layers.Flatten(),
-      layers.Dense(512, activation='relu'),
-      layers.Dropout(0.5),
-      layers.Dense(num_classes),
-  ])
-
-
-# Our model name -> its Keras counterpart (keras, input shape, classes) -> keras.Model.
-# keras.applications' ResNet50 is v1 (stride in the first 1x1 convolution of a
-# block, ours in the 3x3 as torchvision's): the same layers and parameter count.
-_KERAS_MODELS = {
-    'seed_cnn': _keras_seed_cnn,
-    'resnet50': lambda keras, shape, n: keras.applications.ResNet50(
-        weights=None, input_shape=shape, classes=n, classifier_activation=None),
-    'efficientnet_b0': lambda keras, shape, n: keras.applications.EfficientNetB0(
-        weights=None, input_shape=shape, classes=n, classifier_activation=None),
-}
-
-
 def _keras_step(args, images, labels) -> Callable[[], None]:
   """The Keras counterpart of the model, same batch and optimizer."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  model = _KERAS_MODELS[args.model](keras, images.shape[1:], args.num_classes)
+  model = keras_models.MODELS[args.model](keras, images.shape[1:], args.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=['accuracy'],
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   x, y = tf.constant(images, tf.float32), tf.constant(labels)
@@ -243,7 +210,7 @@ def _bench(args) -> dict[str, float]:
         f'{lowering}XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
         flush=True)
   contenders = {}
-  with_keras = not args.no_keras and args.model in _KERAS_MODELS
+  with_keras = not args.no_keras and args.model in keras_models.MODELS
   if not args.no_keras and not with_keras:
     print(f'keras: skipped (keras.applications has no {args.model})', flush=True)
   for name in ('step', 'keras') if with_keras else ('step',):

@@ -14,10 +14,14 @@ same as JSON next to the CSV; --tta averages the 8 flips and rotations of
 each image.
 """
 
+import collections
+import concurrent.futures
+import functools
 import json
+import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from melanoma_jax import runtime
@@ -66,7 +70,9 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   return found
 
 
-_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
+# Batches decoded ahead of the one the model runs, on a pool of threads (PIL
+# releases the GIL while it decodes and resizes).
+PREFETCH_BATCHES = 2
 
 
 def _decode(path: pathlib.Path, stored_size: int, image_size: int,
@@ -79,29 +85,71 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int,
     return None, str(e)
 
 
+@functools.partial(jax.jit, static_argnames=('tta', 'ood_method'))
+def _predict_and_score(state: steps.TrainState, images: jax.Array, metadata: jax.Array | None,
+                       ood_statistics: dict[str, jax.Array], tta: bool,
+                       ood_method: str | None) -> tuple[jax.Array, jax.Array | None]:
+  """(class probabilities, out-of-distribution scores or None) of a batch, in one program.
+
+  Without TTA or metadata the two ask for the same forward pass, which XLA
+  computes once.
+  """
+  probs = (steps.predict_tta if tta else steps.predict)(state, images, metadata)
+  if ood_method is None:
+    return probs, None
+  detector = {'method': ood_method, **ood_statistics}
+  return probs, ood.score_features(*ood.features_and_logits(state, images), detector)
+
+
+def for_prediction(state: steps.TrainState) -> steps.TrainState:
+  """`state` with its model lowered for the forward pass alone (the same function and parameters).
+
+  A seed model's 'auto' lowering is chosen for training, whose backward
+  pass dominates; the forward pass alone runs fastest as written.
+  """
+  if getattr(state.model, 'conv_impl', None) == 'auto':
+    return state.replace(model=state.model.clone(conv_impl='native'))
+  return state
+
+
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
                   batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None,
-                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None,
-                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
+                  detector: Mapping[str, Any] | None = None,
+                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess(),
+                  workers: int | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
-  """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
+  """(file, class probabilities or None, error or None, out-of-distribution score or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
   default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
-  resized as training resized them
-  (`preprocessing.model_input`). They are decoded a batch at a time; every
-  batch is padded to `batch_size`, so the jitted predict compiles once.
-  `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
-  a metadata branch; a file it lacks has unknown metadata. The
-  out-of-distribution score is of the image as given (not its TTA views).
+  resized as training resized them (`preprocessing.model_input`), by
+  `workers` threads (default: one per CPU), `PREFETCH_BATCHES` batches ahead
+  of the model; the model runs on one batch while the previous one's rows
+  are made. Every batch is padded
+  to `batch_size`, so the jitted model compiles once. `metadata` (from
+  `metadata_lib.read_csv`, by image key) feeds models with a metadata
+  branch; a file it lacks has unknown metadata. `detector` (the run's
+  `ood.read`) scores each image as given (not its TTA views).
   """
-  predict = _PREDICT[tta]
-  for start in range(0, len(files), batch_size):
-    chunk = files[start:start + batch_size]
-    decoded = [_decode(path, stored_size or image_size, image_size, preprocess) for path in chunk]
-    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+  state, stored_size = for_prediction(state), stored_size or image_size
+  ood_method = detector['method'] if detector else None
+  ood_statistics = {k: np.asarray(detector[k], np.float32) for k in ('means', 'precision')
+                    if detector and k in detector}
+  chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+  pool = concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count())
+  decoding = collections.deque()
+
+  def decode_ahead(k: int) -> None:
+    if k < len(chunks):
+      decoding.append([pool.submit(_decode, path, stored_size, image_size, preprocess) for path in chunks[k]])
+
+  def batch(chunk: Sequence[pathlib.Path], decoded: list) -> tuple | None:
+    """The model's outputs for a chunk, dispatched (not waited for); None when nothing is readable."""
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+    if not readable:
+      return None
+    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     for i in readable:
       images[i] = decoded[i][0]
     encoded = None
@@ -109,11 +157,29 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
       encoded = metadata_lib.unknown(batch_size)
       for i, path in enumerate(chunk):
         encoded[i] = metadata.get(tables.image_key(path.name), encoded[i])
-    probs = np.asarray(predict(state, images, encoded)) if readable else None
-    scores = np.asarray(ood_score(state, images)) if readable and ood_score else None
+    return _predict_and_score(state, images, encoded, ood_statistics, tta, ood_method)
+
+  def rows(chunk: Sequence[pathlib.Path], decoded: list, outputs: tuple | None) -> Iterator[tuple]:
+    probs, scores = (None, None) if outputs is None else jax.device_get(outputs)
     for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
       yield (path, (None if error else probs[i]), error,
              None if error or scores is None else float(scores[i]))
+
+  try:
+    for k in range(PREFETCH_BATCHES):
+      decode_ahead(k)
+    previous = None
+    for k, chunk in enumerate(chunks):
+      decode_ahead(k + PREFETCH_BATCHES)
+      decoded = [future.result() for future in decoding.popleft()]
+      outputs = batch(chunk, decoded)
+      if previous:
+        yield from rows(*previous)
+      previous = chunk, decoded, outputs
+    if previous:
+      yield from rows(*previous)
+  finally:
+    pool.shutdown(cancel_futures=True)
 
 
 def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | None,
@@ -143,6 +209,23 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
                           f'> {ood_threshold:.4g}): no melanoma alert; check that it is a dermoscopic '
                           'lesion image')
   return row
+
+
+def prediction_rows(results: Iterable[tuple], class_names: Sequence[str], threshold: float | None,
+                    temperature: dict[str, Any] | None = None,
+                    detector: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """`prediction_row` of each of `results`: (file, probabilities, error[, out-of-distribution score]).
+
+  `temperature` (the run's calibration) scales the probabilities; with the
+  run's `detector`, images beyond its threshold are refused.
+  """
+  rows = []
+  for path, probs, error, *score in results:
+    if probs is not None and temperature:
+      probs = calibration.scale(probs, temperature['temperature'])
+    rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
+                               detector and detector['threshold']))
+  return rows
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
@@ -213,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   temperature = _for_this_step(calibration.read(workdir), state, 'calibration')
   detector = _for_this_step(ood.read(workdir), state, 'out-of-distribution detector')
   results = predict_files(state, files, config.image_size, FLAGS.batch_size, FLAGS.tta,
-                          cli.stored_image_size(config, meta), metadata,
-                          detector and ood.scorer(detector), preprocessing.Preprocess.from_config(config))
+                          cli.stored_image_size(config, meta), metadata, detector,
+                          preprocessing.Preprocess.from_config(config))
   _write_results(workdir, class_names, threshold, results, step=int(state.step), temperature=temperature,
                  detector=detector)
 
@@ -223,17 +306,8 @@ def _write_results(workdir: str | list[str], class_names: Sequence[str], thresho
                    step: int | None, temperature: dict[str, Any] | None = None,
                    detector: dict[str, Any] | None = None) -> None:
   """The CSV (and JSON, naming `workdir`: the run or the ensemble's runs) of `results`: (file,
-  probabilities, error[, out-of-distribution score]).
-
-  `temperature` (the run's calibration) scales the probabilities; with the
-  run's `detector`, images beyond its threshold are refused.
-  """
-  rows = []
-  for path, probs, error, *score in results:
-    if probs is not None and temperature:
-      probs = calibration.scale(probs, temperature['temperature'])
-    rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
-                               detector and detector['threshold']))
+  probabilities, error[, out-of-distribution score])."""
+  rows = prediction_rows(results, class_names, threshold, temperature, detector)
   output = pathlib.Path(FLAGS.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
