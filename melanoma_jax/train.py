@@ -240,6 +240,8 @@ class TrainedEpoch:
   metrics: metrics_lib.Metrics  # the whole epoch's, the part done before a resume included
   steps_run: int  # by this run: fewer than the epoch's when it resumed mid-epoch
   started: float  # time.perf_counter() when this run began the epoch
+  first_batch_seconds: float  # from `started` until the first batch was ready
+  first_step_seconds: float  # the first step's call (its compile, in a run's first epoch)
 
 
 def _train_epoch(run: Run, state: steps.TrainState, epoch: int, partial_metrics: dict[str, Any] | None,
@@ -260,8 +262,13 @@ def _train_epoch(run: Run, state: steps.TrainState, epoch: int, partial_metrics:
                                          epoch_steps, offset)
   # Exactly the epoch's batches: asking the stream for one more would
   # wait for tf.data to discover its end.
+  first_batch_seconds = first_step_seconds = None
   for i, batch in zip(range(offset + 1, epoch_steps + 1), batches):
+    if first_batch_seconds is None:
+      first_batch_seconds = time.perf_counter() - started
     state, step_metrics = run.train_step(state, batch)
+    if first_step_seconds is None:  # the call returns once dispatched: no wait for the device
+      first_step_seconds = time.perf_counter() - started - first_batch_seconds
     total = metrics_lib.accumulate(total, step_metrics)
     step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
     log = i % config.log_every_steps == 0 or i == epoch_steps
@@ -279,7 +286,7 @@ def _train_epoch(run: Run, state: steps.TrainState, epoch: int, partial_metrics:
       _save(run, state, epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total), history=history)
     if stop:
       raise Preempted(step)
-  return TrainedEpoch(state, total, epoch_steps - offset, started)
+  return TrainedEpoch(state, total, epoch_steps - offset, started, first_batch_seconds, first_step_seconds)
 
 
 def _end_epoch(run: Run, epoch: int, trained: TrainedEpoch, history: list[dict[str, Any]]
@@ -293,7 +300,8 @@ def _end_epoch(run: Run, epoch: int, trained: TrainedEpoch, history: list[dict[s
   epoch_seconds = time.perf_counter() - trained.started
   # Training throughput; validation time is the difference of the two.
   row.update(epoch_seconds=epoch_seconds, train_seconds=train_seconds,
-             images_per_sec=trained.steps_run * config.batch_size / train_seconds)
+             images_per_sec=trained.steps_run * config.batch_size / train_seconds,
+             first_batch_seconds=trained.first_batch_seconds, first_step_seconds=trained.first_step_seconds)
   if config.plateau.enabled:
     state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
   history = [*history, row]

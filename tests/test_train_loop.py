@@ -188,7 +188,7 @@ def _end_epoch(tiny_config, tmp_path, monkeypatch, state, val):
   train_metrics = {'loss': (np.float32(12.5), np.float32(50)), 'accuracy': (np.float32(30), np.float32(50)),
                    'confusion': (np.array([[10, 5, 0], [5, 10, 0], [0, 10, 10]], np.float32), np.float32(50)),
                    'nonfinite': (np.float32(0), np.float32(EPOCH_STEPS))}
-  trained = train.TrainedEpoch(state, train_metrics, 7, time.perf_counter())
+  trained = train.TrainedEpoch(state, train_metrics, 7, time.perf_counter(), 0.5, 2.0)
   return run, train._end_epoch(run, 2, trained, [])
 
 
@@ -248,7 +248,7 @@ def test_preemption_leaves_through_one_exit(monkeypatch, tmp_path, caplog, sigte
     ran.append(f'epoch {epoch} steps')
     if sigterm_in == f'epoch {epoch} steps':
       raise train.Preempted(state.step + 3)
-    return train.TrainedEpoch(FakeState(state.step + EPOCH_STEPS), {}, EPOCH_STEPS, 0.0)
+    return train.TrainedEpoch(FakeState(state.step + EPOCH_STEPS), {}, EPOCH_STEPS, 0.0, 0.0, 0.0)
 
   def end_epoch(run, epoch, trained, history):
     ran.append(f'epoch {epoch} end')
