@@ -20,8 +20,10 @@ was resumed, and whether or not it streams.
 """
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -505,6 +507,12 @@ def expected_draws_per_class(labels: np.ndarray, num_classes: int, balance: bool
 
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
                   epoch: int, num_steps: int, skip_steps: int = 0) -> Iterator[Batch]:
+  """One epoch of this host's training batches (`train_dataset`'s, as NumPy)."""
+  return iter(tfds.as_numpy(train_dataset(train, config, num_classes, epoch, num_steps, skip_steps)))
+
+
+def train_dataset(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
+                  epoch: int, num_steps: int, skip_steps: int = 0) -> tf.data.Dataset:
   """One epoch of this host's training batches, [local_devices, per_device, ...].
 
   Every host draws the same global stream of example indices, seeded by
@@ -549,7 +557,49 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda b: tf.nest.map_structure(
       lambda x: tf.reshape(x, (devices, local_batch // devices, *x.shape[1:])), b))
-  return iter(tfds.as_numpy(ds.prefetch(2)))
+  return ds.prefetch(2)
+
+
+class BatchesAhead:
+  """A training epoch's batches, its pipeline built and its first batch drawn on a thread.
+
+  tf.data traces its functions when the pipeline is built and fills its
+  buffers on the first batch. Started ahead (while the step compiles, or
+  while the epoch before validates), that wait leaves the training loop's
+  critical path; the batches are those `train_batches` gives.
+  """
+
+  def __init__(self, make: Callable[[], tf.data.Dataset]):
+    self._built = threading.Event()
+    self._spec = self._batches = self._error = None
+    self._thread = threading.Thread(target=self._draw, args=(make,), name='batches-ahead', daemon=True)
+    self._thread.start()
+
+  def _draw(self, make: Callable[[], tf.data.Dataset]) -> None:
+    try:
+      dataset = make()
+      self._spec = dataset.element_spec
+      self._built.set()
+      batches = iter(tfds.as_numpy(dataset))
+      self._batches = itertools.chain([next(batches)], batches)
+    except BaseException as e:  # raised again in the thread that asks
+      self._error = e
+    finally:
+      self._built.set()
+
+  def element_spec(self) -> dict[str, tf.TensorSpec]:
+    """The batches' shapes and dtypes, once the pipeline is built (before its first batch)."""
+    self._built.wait()
+    if self._spec is None:
+      raise self._error
+    return self._spec
+
+  def batches(self) -> Iterator[Batch]:
+    """The epoch's batches, once the first is ready."""
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._batches
 
 
 def eval_batches(examples: Examples, global_batch_size: int) -> Iterator[Batch]:

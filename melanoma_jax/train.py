@@ -178,6 +178,8 @@ class Run:
   epoch_steps: int
   train_step: Callable[[steps.TrainState, Any], tuple[steps.TrainState, metrics_lib.Metrics]]
   writer: tf.summary.SummaryWriter | None  # TensorBoard; None on processes other than 0
+  # Epochs whose batches are already on their way (at most the next one), by epoch.
+  ahead: dict[int, input_pipeline.BatchesAhead] = dataclasses.field(default_factory=dict)
 
 
 def _start(config: ml_collections.ConfigDict, workdir: epath.Path, data: input_pipeline.Data
@@ -195,6 +197,10 @@ def _start(config: ml_collections.ConfigDict, workdir: epath.Path, data: input_p
                data.class_names, len(data.train), len(data.val), len(data.test), epoch_steps, fresh.model)
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, fresh, workdir)
+  first_epoch = int(state.step) // epoch_steps + 1
+  # Its pipeline warms up during the rest of the set-up and the step's compile.
+  ahead = {first_epoch: _batches_ahead(config, data, first_epoch, epoch_steps, int(state.step) % epoch_steps)
+           } if first_epoch <= config.num_epochs else {}
   checkpointing.write_config(workdir, config)  # the run has started: data and state fit
   _warn_without_validation_melanoma(data)
   if not meta and config.model.get('init_from'):
@@ -218,8 +224,32 @@ def _start(config: ml_collections.ConfigDict, workdir: epath.Path, data: input_p
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
+  if ahead:
+    p_train = _compile_ahead(p_train, state, ahead[first_epoch].element_spec())
   writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
-  return Run(config, data, workdir, manager, epoch_steps, p_train, writer), state, meta, history
+  return Run(config, data, workdir, manager, epoch_steps, p_train, writer, ahead), state, meta, history
+
+
+def _batches_ahead(config: ml_collections.ConfigDict, data: input_pipeline.Data, epoch: int,
+                   epoch_steps: int, offset: int = 0) -> input_pipeline.BatchesAhead:
+  """`epoch`'s training batches (from step `offset` on), set going now."""
+  return input_pipeline.BatchesAhead(lambda: input_pipeline.train_dataset(
+      data.train, config, len(data.class_names), epoch, epoch_steps, offset))
+
+
+def _compile_ahead(p_train: Any, state: steps.TrainState, spec: dict[str, tf.TensorSpec]) -> Any:
+  """The pmapped step compiled now for batches of `spec`, while the first batch is on its way.
+
+  (A pmapped function's ahead-of-time compile does not serve its later
+  calls, so the compiled step replaces it.)
+  """
+  if not all(s.shape.is_fully_defined() for s in jax.tree.leaves(spec)):
+    return p_train  # compiled at its first call
+  started = time.perf_counter()
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype.as_numpy_dtype), spec)
+  compiled = p_train.lower(state, batch).compile()
+  logging.info('Training step compiled in %.1f s.', time.perf_counter() - started)
+  return compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +288,9 @@ def _train_epoch(run: Run, state: steps.TrainState, epoch: int, partial_metrics:
   offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
   total = metrics_lib.from_json(partial_metrics) if offset else None
   window = ProgressWindow(int(state.step), started, int(total['nonfinite'][0]) if total else 0)
-  batches = input_pipeline.train_batches(run.data.train, config, len(run.data.class_names), epoch,
-                                         epoch_steps, offset)
+  ahead = run.ahead.pop(epoch, None)
+  batches = ahead.batches() if ahead else input_pipeline.train_batches(
+      run.data.train, config, len(run.data.class_names), epoch, epoch_steps, offset)
   # Exactly the epoch's batches: asking the stream for one more would
   # wait for tf.data to discover its end.
   first_batch_seconds = first_step_seconds = None
@@ -295,6 +326,8 @@ def _end_epoch(run: Run, epoch: int, trained: TrainedEpoch, history: list[dict[s
   history.jsonl, TensorBoard, the curves and a log line. Returns the state and the history."""
   state, config = trained.state, run.config
   train_seconds = time.perf_counter() - trained.started
+  if epoch < config.num_epochs:  # the next epoch's pipeline warms up during validation
+    run.ahead[epoch + 1] = _batches_ahead(config, run.data, epoch + 1, run.epoch_steps)
   val = clinical_report.gather_predictions(state, run.data.val, config.batch_size)
   row = epoch_row(epoch, state, trained.metrics, val, run.data.class_names)
   epoch_seconds = time.perf_counter() - trained.started
