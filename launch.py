@@ -47,13 +47,13 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import (cli, cross_validation, distributed, ensemble, errors, input_pipeline,
+  from melanoma_jax import (cross_validation, distributed, ensemble, errors, input_pipeline, paths,
                             preemption, train)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   # Paths relative to the current directory, or with ~, become absolute here, once.
-  cli.resolve_config_paths(FLAGS.config)
-  workdir = cli.user_path(FLAGS.workdir)
+  paths.resolve_config_paths(FLAGS.config)
+  workdir = paths.user_path(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
@@ -73,8 +73,8 @@ def main(argv: list[str]) -> None:
       cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
     else:
       train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
-  except (errors.UserError, ensemble.EnsembleError, FloatingPointError, OSError) as e:
-    message = str(e) if isinstance(e, ensemble.EnsembleError) else errors.user_message(e)
+  except (errors.UserError, FloatingPointError, OSError) as e:
+    message = errors.user_message(e)
     if message is None:
       raise
     # The details for a bug report, not on the console (--verbosity=1 shows them).

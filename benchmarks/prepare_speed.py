@@ -7,7 +7,7 @@ folder and prints images/s of, in the same run:
 - `image_folder` preparation as it was: one thread, TensorFlow's PNG
   encoder, no JPEG draft;
 - `image_folder` preparation as it is: `PREPARE_THREADS` threads, our PNG
-  encoder (`image_folders.encode_png`), JPEGs drafted (`preprocessing.DRAFT_MIN_FRACTION`);
+  encoder (`preparation.encode_png`), JPEGs drafted (`preprocessing.DRAFT_MIN_FRACTION`);
 
 and how much the stored pixels differ between the two (PNG is lossless: only
 `Image.draft`, the JPEG DCT-domain downscaling of `decode_image`, changes
@@ -30,13 +30,12 @@ import tensorflow as tf  # noqa: F401  Imported before timing: TFDS imports it l
 import tensorflow_datasets as tfds
 
 from benchmarks.input_pipeline import write_fixture_tree
-from melanoma_jax.datasets import image_folder  # noqa: F401  pylint: disable=unused-import
 from melanoma_jax import preprocessing
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import preparation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('images_per_class', 40, 'Generated Train images per class (9 classes).')
-flags.DEFINE_integer('stored_size', image_folders.DEFAULT_IMAGE_SIZE, 'Stored image size.')
+flags.DEFINE_integer('stored_size', preparation.DEFAULT_IMAGE_SIZE, 'Stored image size.')
 flags.DEFINE_integer('rounds', 2, 'Repetitions of each measurement; the best is reported.')
 flags.DEFINE_integer('large_images', 6, 'Large JPEGs for the draft measurement.')
 flags.DEFINE_integer('large_width', 3000, 'Width of those (height: 2/3 of it).')
@@ -59,10 +58,10 @@ def tensorflow_png(pixels: np.ndarray) -> bytes:
 def prepare(tree: str, data_dir: str, size: int, threads: int, draft: float,
             encode: Callable[[np.ndarray], bytes]) -> tuple[float, tfds.core.DatasetBuilder]:
   """Seconds to prepare `tree` with the given settings (scan included)."""
-  image_folders.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION = threads, draft
-  image_folders.encode_png = encode
+  preparation.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION = threads, draft
+  preparation.encode_png = encode
   start = time.perf_counter()
-  config = image_folders.FolderConfig(name=f'{size}px_benchmark', image_size=size)
+  config = preparation.FolderConfig(name=f'{size}px_benchmark', image_size=size)
   builder = tfds.builder('image_folder', manual_dir=tree, data_dir=data_dir, config=config)
   builder.download_and_prepare()
   return time.perf_counter() - start, builder
@@ -86,9 +85,9 @@ def main(argv):
     write_fixture_tree(tree, FLAGS.images_per_class)
     files = sorted(pathlib.Path(tree).rglob('*.jpg'))
     n = len(files)
-    print(f'{n} JPEGs of 600x450 -> {size}x{size}, {image_folders.PREPARE_THREADS} threads')
-    threads, draft = image_folders.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION
-    encode = image_folders.encode_png
+    print(f'{n} JPEGs of 600x450 -> {size}x{size}, {preparation.PREPARE_THREADS} threads')
+    threads, draft = preparation.PREPARE_THREADS, preprocessing.DRAFT_MIN_FRACTION
+    encode = preparation.encode_png
     bare, before, after = [], [], []
     for r in range(FLAGS.rounds):
       bare.append(bare_loop(files, size))

@@ -1,36 +1,11 @@
-"""What the command-line tools share: users' paths, and a trained run's flags and restore."""
+"""What the command-line tools share: a trained run's flags and restore."""
 
 import argparse
-import os
-import re
 from typing import Any
 
 import ml_collections
 
-from melanoma_jax import steps
-
-# Config fields that name files or folders the user gives.
-CONFIG_PATHS = ('data_dir', 'manual_dir', 'groups_csv')
-_URI = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
-
-
-def user_path(path: str | None) -> str | None:
-  """A path as the user typed it, made absolute: `~` expanded, relative to the current directory.
-
-  Resolved once, where it enters, so the run records where it really is:
-  orbax refuses relative checkpoint paths, and a rerun from another
-  directory must name the same files. URIs (gs://bucket/...) stay as they are.
-  """
-  if path is None or _URI.match(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_config_paths(config: ml_collections.ConfigDict) -> None:
-  """`user_path` on the config's path fields (data_dir, manual_dir, groups_csv), in place."""
-  for field in CONFIG_PATHS:
-    if config.get(field):
-      config[field] = user_path(config[field])
+from melanoma_jax import paths, steps
 
 
 def probability(text: str) -> float:
@@ -53,11 +28,11 @@ def run_parser(doc: str, several: bool = False) -> argparse.ArgumentParser:
   """A parser with --workdir (the run; `several`: one or more) and --step; `doc` is the help."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   if several:
-    parser.add_argument('--workdir', required=True, nargs='+', metavar='WORKDIR', type=user_path,
+    parser.add_argument('--workdir', required=True, nargs='+', metavar='WORKDIR', type=paths.user_path,
                         help='The training run (launch.py --workdir); several, or a cross-validation '
                         'run (launch.py --all_folds), make an ensemble.')
   else:
-    parser.add_argument('--workdir', required=True, type=user_path, help='The training run (launch.py --workdir).')
+    parser.add_argument('--workdir', required=True, type=paths.user_path, help='The training run (launch.py --workdir).')
   parser.add_argument('--step', type=int, default=None,
                       help='Checkpoint step; default: the best by validation loss.')
   return parser

@@ -14,7 +14,6 @@ mean and standard deviation over folds of every metric.
 """
 
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from melanoma_jax import ensemble, evaluation, train
+from melanoma_jax import clinical_report, ensemble, train
 from melanoma_jax.errors import ConfigError
 
 OOF_FILE = 'oof_predictions.csv'
@@ -77,13 +76,13 @@ def summarize(workdir: epath.PathLike, target_sensitivity: float) -> dict[str, A
   result = ensemble.evaluate_runs([str(workdir)], 'test', 'mean', False, target_sensitivity)
   ensemble.write(workdir, result)
   ensemble.write_predictions(workdir / OOF_FILE, result.validation, result.class_names)
-  folds = [json.loads((d / evaluation.REPORT_JSON).read_text()) for d in ensemble.fold_dirs(workdir)]
+  folds = [json.loads((d / clinical_report.REPORT_JSON).read_text()) for d in ensemble.fold_dirs(workdir)]
   summary = cv_summary(folds, result.evaluation.report)
   if jax.process_index() == 0:
     (workdir / CV_REPORT_JSON).write_text(json.dumps(summary, indent=2, allow_nan=False))
     (workdir / CV_REPORT_MD).write_text(to_markdown(summary))
   logging.info('CV report: %s; ensemble of the folds: %s', workdir / CV_REPORT_MD,
-               evaluation.headline(result.evaluation.report))
+               clinical_report.headline(result.evaluation.report))
   return summary
 
 
@@ -129,12 +128,6 @@ def cv_summary(fold_reports: Sequence[dict[str, Any]], ensemble_report: dict[str
   return summary
 
 
-def _cell(value: float | None) -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return 'n/a'
-  return f'{value:.3f}' if isinstance(value, float) else str(value)
-
-
 def to_markdown(summary: dict[str, Any]) -> str:
   """cv_report.md: one row per metric; fold means +- standard deviation, pooled and ensemble."""
   k = summary['num_folds']
@@ -148,8 +141,9 @@ def to_markdown(summary: dict[str, Any]) -> str:
            '| metric | held-out fold | Test (fold models) | out-of-fold pooled | ensemble on Test |',
            '|---|---|---|---|---|']
   held, test = summary['held_out_fold'], summary['test']
-  pm = lambda s: 'n/a' if s is None or s['mean'] is None else f'{_cell(s["mean"])} +- {_cell(s["std"])}'
+  cell = clinical_report.markdown_cell
+  pm = lambda s: 'n/a' if s is None or s['mean'] is None else f'{cell(s["mean"])} +- {cell(s["std"])}'
   for key in dict.fromkeys([*held, *test]):
     lines.append(f'| {key} | {pm(held.get(key))} | {pm(test.get(key))} | '
-                 f'{_cell(summary["out_of_fold_pooled"].get(key))} | {_cell(summary["ensemble_test"].get(key))} |')
+                 f'{cell(summary["out_of_fold_pooled"].get(key))} | {cell(summary["ensemble_test"].get(key))} |')
   return '\n'.join(lines) + '\n'

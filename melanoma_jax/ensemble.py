@@ -25,15 +25,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from melanoma_jax import evaluation, input_pipeline
+from melanoma_jax import clinical_report, errors, input_pipeline
 
 COMBINE = ('mean', 'rank')
 CV_FILE = 'cv_config.json'  # Marks a cross-validation run; written by cross_validation.
 ENSEMBLE_FILE = 'ensemble.json'  # Members, combination and rank references, for inference.
-
-
-class EnsembleError(ValueError):
-  """Runs that cannot be combined as asked; the message says why."""
 
 
 def run_paths(workdirs: Sequence[str]) -> list[str]:
@@ -78,7 +74,7 @@ def combine_models(scores: Sequence[np.ndarray], models: Sequence[dict[str, Any]
   its own validation scores, `references[model workdir]`), then the runs.
   """
   if method not in COMBINE:
-    raise EnsembleError(f'--combine={method!r}; choose one of {COMBINE}.')
+    raise errors.EnsembleError(f'--combine={method!r}; choose one of {COMBINE}.')
   per_run = {}
   for s, model in zip(scores, models):
     per_run.setdefault(model['run'], []).append(
@@ -106,14 +102,14 @@ def predict_model(workdir: epath.PathLike, split: str, tta: bool
 
   Each model reads the data at its own config's image size.
   """
-  from melanoma_jax import train  # pylint: disable=g-import-not-at-top  (train imports evaluation)
+  from melanoma_jax import train  # pylint: disable=g-import-not-at-top  (train imports clinical_report)
   state, config, _ = train.restore_for_inference(str(workdir))
   data = input_pipeline.load_data(config)
   batch_size = math.ceil(config.batch_size / jax.device_count()) * jax.device_count()
   examples = {'train': data.train, 'val': data.val, 'test': data.test}
   scored = {}
   for name in dict.fromkeys(('val', split)):
-    p = evaluation.gather_predictions(state, examples[name], batch_size, tta)
+    p = clinical_report.gather_predictions(state, examples[name], batch_size, tta)
     scored[name] = Scored(examples[name].file_names, p.labels, p.probs)
   model = {'workdir': str(workdir), 'step': int(state.step), 'image_size': config.image_size}
   return model, scored, data.class_names
@@ -122,7 +118,7 @@ def predict_model(workdir: epath.PathLike, split: str, tta: bool
 def _same_images(runs: Sequence[Scored], what: str, names: Sequence[str]) -> np.ndarray:
   for run, name in zip(runs[1:], names[1:]):
     if set(run.file_names) != set(runs[0].file_names):
-      raise EnsembleError(
+      raise errors.EnsembleError(
           f'{names[0]} and {name} have different {what} images ({len(runs[0].file_names)} vs '
           f'{len(run.file_names)}): an ensemble needs runs of the same dataset and split (the folds '
           'of one CV run, or runs with the same dataset, seed and split settings).')
@@ -137,7 +133,7 @@ def _nll(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class EnsembleEvaluation:
   """The report, the ensemble's validation (out-of-fold) and evaluated scores, what inference needs."""
-  evaluation: evaluation.Evaluation
+  evaluation: clinical_report.Evaluation
   validation: Scored
   evaluated: Scored
   class_names: tuple[str, ...]
@@ -148,17 +144,17 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
                   target_sensitivity: float) -> EnsembleEvaluation:
   """The report of the ensemble of `workdirs` on `split`, at a threshold chosen on its validation."""
   if method not in COMBINE:
-    raise EnsembleError(f'--combine={method!r}; choose one of {COMBINE}.')
+    raise errors.EnsembleError(f'--combine={method!r}; choose one of {COMBINE}.')
   models, scored, class_names = [], [], None
   workdirs = run_paths(workdirs)
   for workdir in workdirs:
     if is_cv_run(workdir) and split == 'train':
-      raise EnsembleError(f'{workdir} is a cross-validation run: each Train image trained all but one '
+      raise errors.EnsembleError(f'{workdir} is a cross-validation run: each Train image trained all but one '
                           "of its fold models; evaluate on 'val' (out-of-fold) or 'test'.")
     for model_dir in model_dirs(workdir):
       model, predictions, names = predict_model(model_dir, split, tta)
       if class_names is not None and names != class_names:
-        raise EnsembleError(f'{model_dir} has classes {names}; {models[0]["workdir"]} has {class_names}.')
+        raise errors.EnsembleError(f'{model_dir} has classes {names}; {models[0]["workdir"]} has {class_names}.')
       class_names = names
       models.append({**model, 'run': str(workdir)})
       scored.append(predictions)
@@ -177,7 +173,7 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
   if split == 'val':
     evaluated = val
   else:
-    names = _same_images([s[split] for s in scored], evaluation.SPLIT_TITLES[split], [m['workdir'] for m in models])
+    names = _same_images([s[split] for s in scored], clinical_report.SPLIT_TITLES[split], [m['workdir'] for m in models])
     aligned = [s[split].aligned(names) for s in scored]
     evaluated = Scored(names, aligned[0].labels,
                        combine_models([a.scores for a in aligned], models, method, references))
@@ -186,9 +182,9 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
       'members': [f'{m["workdir"]} (step {m["step"]}, {m["image_size"]} px)' for m in models],
       'runs': [str(w) for w in workdirs], 'combine': method, 'tta': tta, 'selected_by': selected_by,
   }
-  predictions = {name: evaluation.Predictions(s.scores, s.labels, _nll(s.scores, s.labels), s.file_names)
+  predictions = {name: clinical_report.Predictions(s.scores, s.labels, _nll(s.scores, s.labels), s.file_names)
                  for name, s in (('val', val), (split, evaluated))}
-  result = evaluation.evaluate_predictions(predictions, class_names, split, target_sensitivity,
+  result = clinical_report.evaluate_predictions(predictions, class_names, split, target_sensitivity,
                                            description)
   if result.report['operating_point']:
     result.report['operating_point']['chosen_on'] = selected_by
@@ -201,9 +197,9 @@ def evaluate_runs(workdirs: Sequence[str], split: str, method: str, tta: bool,
 
 
 def write_predictions(path: epath.PathLike, scored: Scored, class_names: Sequence[str]) -> None:
-  """`scored` as predictions.csv (`evaluation.write_predictions_csv`); process 0 only."""
+  """`scored` as predictions.csv (`clinical_report.write_predictions_csv`); process 0 only."""
   if jax.process_index() == 0:
-    evaluation.write_predictions_csv(path, scored.file_names, scored.labels, scored.scores, class_names)
+    clinical_report.write_predictions_csv(path, scored.file_names, scored.labels, scored.scores, class_names)
 
 
 def write(output_dir: epath.PathLike, result: EnsembleEvaluation) -> None:
@@ -212,8 +208,8 @@ def write(output_dir: epath.PathLike, result: EnsembleEvaluation) -> None:
   if jax.process_index() != 0:
     return
   output_dir = epath.Path(output_dir)
-  evaluation.write_reports(output_dir, result.evaluation)  # predictions.csv included
-  evaluation.write_operating_point(output_dir, result.evaluation.report['operating_point'])
+  clinical_report.write_reports(output_dir, result.evaluation)  # predictions.csv included
+  clinical_report.write_operating_point(output_dir, result.evaluation.report['operating_point'])
   (output_dir / ENSEMBLE_FILE).write_text(json.dumps(result.description, indent=2))
 
 
@@ -222,7 +218,7 @@ def read_description(path: epath.PathLike) -> dict[str, Any]:
   path = epath.Path(path)
   path = path / ENSEMBLE_FILE if path.is_dir() else path
   if not path.exists():
-    raise EnsembleError(f'{path} not found: run `python -m melanoma_jax.evaluate --workdir RUN...` '
+    raise errors.EnsembleError(f'{path} not found: run `python -m melanoma_jax.evaluate --workdir RUN...` '
                         'with the same runs, --combine and --tta first; it writes ensemble.json.')
   return json.loads(path.read_text())
 
@@ -234,14 +230,14 @@ def predict_files(description: dict[str, Any], files: Sequence[Any], batch_size:
   The models, their checkpoints, the combination and TTA are the ensemble's
   (`description`, from ensemble.json), so the scores match its threshold.
   """
-  # pylint: disable=g-import-not-at-top  (both import evaluation, which this module's users import)
+  # pylint: disable=g-import-not-at-top  (both import clinical_report, which this module's users import)
   from melanoma_jax import cli, inference, train
   per_model, errors = [], None
   for model in description['models']:
     try:
       state, config, meta = train.restore_for_inference(model['workdir'], model['step'])
     except FileNotFoundError as e:
-      raise EnsembleError(f'{e} The ensemble was evaluated with that checkpoint: evaluate the '
+      raise errors.EnsembleError(f'{e} The ensemble was evaluated with that checkpoint: evaluate the '
                           'ensemble again to use the runs as they are now.') from None
     rows = list(inference.predict_files(state, files, config.image_size, batch_size, description['tta'],
                                         cli.stored_image_size(config, meta)))

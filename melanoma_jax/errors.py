@@ -42,6 +42,14 @@ class DiskFullError(UserError, OSError):
   """Not enough free space to save; nothing saved before is touched."""
 
 
+class EnsembleError(UserError, ValueError):
+  """Runs that cannot be combined as asked; the message says why."""
+
+
+class UnreadableImageError(UserError, ValueError):
+  """An image file cannot be decoded; preparation skips it, prediction reports it."""
+
+
 def user_message(error: BaseException) -> str | None:
   """The one line to show for a failure the user can fix; None for a bug (show the traceback).
 

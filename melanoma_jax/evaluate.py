@@ -29,7 +29,7 @@ if __name__ == '__main__':
 import jax
 from etils import epath
 
-from melanoma_jax import cli, ensemble, evaluation, input_pipeline
+from melanoma_jax import cli, clinical_report, ensemble, errors, input_pipeline, paths
 
 DEFAULT_TARGET_SENSITIVITY = 0.9  # For runs whose config predates config.target_sensitivity.
 
@@ -43,22 +43,22 @@ def _evaluate_ensemble(args) -> None:
       'target_sensitivity', DEFAULT_TARGET_SENSITIVITY)
   try:
     result = ensemble.evaluate_runs(args.workdir, args.split, args.combine, args.tta, target)
-  except (ensemble.EnsembleError, FileNotFoundError) as e:
+  except (errors.EnsembleError, FileNotFoundError) as e:
     raise SystemExit(f'Error: {e}') from None
   name = f'ensemble-{args.split}' + ('-rank' if args.combine == 'rank' else '') + ('-tta' if args.tta else '')
   output_dir = epath.Path(args.output_dir or epath.Path(args.workdir[0]) / 'evaluation' / name)
   ensemble.write(output_dir, result)
   if jax.process_index() == 0:
-    print(evaluation.headline(result.evaluation.report))
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
-          f'{evaluation.PREDICTIONS_CSV}, {ensemble.ENSEMBLE_FILE} and plots.')
+    print(clinical_report.headline(result.evaluation.report))
+    print(f'Wrote {output_dir / clinical_report.REPORT_MD}, {clinical_report.REPORT_JSON}, '
+          f'{clinical_report.PREDICTIONS_CSV}, {ensemble.ENSEMBLE_FILE} and plots.')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__, several=True)
   parser.add_argument('--split', choices=('train', 'val', 'test'), default='test',
                       help='Split to report on (besides validation, where the threshold is chosen).')
-  parser.add_argument('--output_dir', default=None, type=cli.user_path,
+  parser.add_argument('--output_dir', default=None, type=paths.user_path,
                       help='Default: WORKDIR/evaluation/<split>-step<N>.')
   parser.add_argument('--target_sensitivity', type=float, default=None,
                       help='Melanoma sensitivity the threshold must reach on validation; '
@@ -82,13 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 'selected_by': 'lowest validation loss' if args.step is None else 'given --step'}
   # Any device count: round the batch up to a multiple of it.
   batch_size = math.ceil(config.batch_size / jax.device_count()) * jax.device_count()
-  result = evaluation.evaluate_checkpoint(state, data, args.split, target, batch_size, checkpoint, args.tta)
+  result = clinical_report.evaluate_checkpoint(state, data, args.split, target, batch_size, checkpoint, args.tta)
   output_dir = epath.Path(args.output_dir or epath.Path(args.workdir) / 'evaluation' /
                           (f'{args.split}-step{step}' + ('-tta' if args.tta else '')))
-  evaluation.write_reports(output_dir, result)
+  clinical_report.write_reports(output_dir, result)
   if jax.process_index() == 0:
-    print(f'Wrote {output_dir / evaluation.REPORT_MD}, {evaluation.REPORT_JSON}, '
-          f'{evaluation.PREDICTIONS_CSV} and plots.')
+    print(f'Wrote {output_dir / clinical_report.REPORT_MD}, {clinical_report.REPORT_JSON}, '
+          f'{clinical_report.PREDICTIONS_CSV} and plots.')
 
 
 if __name__ == '__main__':

@@ -27,9 +27,10 @@ if __name__ == '__main__':
 import jax
 import numpy as np
 
-from melanoma_jax import calibration, cli, ensemble, evaluation, ood, preprocessing, steps
+from melanoma_jax import calibration, cli, clinical_report, ensemble, errors, ood, paths, preprocessing, steps
 from melanoma_jax import metadata as metadata_lib
-from melanoma_jax.datasets import image_folders, tables
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import tables
 
 
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -41,7 +42,7 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   for path in map(pathlib.Path, paths):
     if path.is_dir():
       found += sorted(p for p in path.rglob('*') if p.is_file()
-                      and p.suffix.lower() in image_folders.IMAGE_EXTENSIONS
+                      and p.suffix.lower() in folder_layout.IMAGE_EXTENSIONS
                       and not any(part.startswith('.') for part in p.relative_to(path).parts))
     else:
       found.append(path)
@@ -56,7 +57,7 @@ def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.n
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
     return preprocessing.model_input(path, stored_size, image_size), None
-  except preprocessing.UnreadableImageError as e:
+  except errors.UnreadableImageError as e:
     return None, str(e)
 
 
@@ -103,7 +104,7 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   An image whose out-of-distribution score exceeds `ood_threshold` is
   refused: `in_distribution` no, no alert, and `refused` says why.
   """
-  m = evaluation.melanoma_index(class_names)
+  m = clinical_report.melanoma_index(class_names)
   row = {'file': str(path), 'error': error, 'predicted_class': None,
          'melanoma_probability': None, 'melanoma_alert': None,
          'in_distribution': None, 'ood_score': ood_score, 'refused': None,
@@ -129,7 +130,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: S
   out-of-distribution score, p_<class>..., why refused, error."""
   columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
              'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
-  evaluation.write_csv(path, columns, [
+  clinical_report.write_csv(path, columns, [
       {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
 
 
@@ -138,13 +139,13 @@ def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str
   try:
     description = ensemble.read_description(args.ensemble or args.workdir[0])
     if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
-      raise ensemble.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
+      raise errors.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
                                    f'{description["runs"]}, not of {args.workdir}.')
     if args.tta != description['tta']:
-      raise ensemble.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+      raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
                                    '--tta and its threshold holds only that way: pass the same.')
     results = ensemble.predict_files(description, files, args.batch_size)
-  except ensemble.EnsembleError as e:
+  except errors.EnsembleError as e:
     sys.exit(f'Error: {e}')
   operating_point = description['operating_point']
   threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
                       "models, --combine, --tta, threshold); default: a CV run's own.")
   parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, type=cli.user_path, help='CSV file to write.')
+  parser.add_argument('--output', required=True, type=paths.user_path, help='CSV file to write.')
   parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
   parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
   parser.add_argument('--batch_size', type=cli.positive_int, default=32)
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args.workdir = args.workdir[0]
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
-  operating_point = evaluation.read_operating_point(args.workdir)
+  operating_point = clinical_report.read_operating_point(args.workdir)
   threshold = args.threshold if args.threshold is not None else (
       operating_point and operating_point['threshold'])
   if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):

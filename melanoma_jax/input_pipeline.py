@@ -25,15 +25,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from melanoma_jax import datasets, preprocessing
+from melanoma_jax import datasets, errors, preprocessing
 from melanoma_jax import metadata as metadata_lib
-from melanoma_jax.errors import DataError  # noqa: F401  (importable from here too)
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.errors import DataError
+from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import tables, vocabulary
-
-# Importing the builder modules registers them with TFDS.
-from melanoma_jax.datasets import image_folder, isic_skin_cancer, synthetic_lesions  # noqa: F401  pylint: disable=unused-import
-from melanoma_jax.datasets import ham10000, isic2019, isic2020  # noqa: F401  pylint: disable=unused-import
 
 # Test is carved from train with this seed, not config.seed, so every run
 # (any seed, any fold) is tested on the same images.
@@ -84,14 +80,18 @@ def prepared_builder(config: ml_collections.ConfigDict,
                      dataset: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `dataset` (default `config.dataset`), prepared once on first use."""
   dataset = dataset or config.dataset
+  builder_class = datasets.BUILDERS.get(dataset.split('/')[0].split(':')[0])
+  if builder_class is None:
+    raise DataError(f'Unknown dataset {dataset!r} (config.dataset); the datasets are '
+                    f'{sorted(datasets.BUILDERS)}, each optionally with /<config>.')
   # image_folder discovers its class names from the tree when constructed;
   # once prepared it needs no tree (evaluating a run after the tree moved).
-  kwargs = {'manual_dir': config.manual_dir} if dataset.startswith('image_folder') else {}
+  kwargs = {'manual_dir': config.manual_dir} if getattr(builder_class, 'TREE_AT_CONSTRUCTION', False) else {}
   tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
   try:
     try:
       builder = tfds.builder(dataset, data_dir=config.data_dir, **({} if tree_missing else kwargs))
-    except image_folders.DatasetLayoutError:
+    except errors.DatasetLayoutError:
       if not tree_missing:
         raise
       builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
@@ -320,7 +320,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   elif config.task != 'multiclass':
     raise DataError(f"config.task must be 'multiclass' or 'melanoma_vs_rest', got {config.task!r}.")
   if config.groups_csv:
-    groups = image_folders.match_groups(train_full.file_names, image_folders.read_groups_csv(
+    groups = groups_csv.match_groups(train_full.file_names, groups_csv.read_groups_csv(
         config.groups_csv), f'Groups CSV {config.groups_csv}')
     if not groups:
       raise DataError(f'No training image is named in {config.groups_csv} (config.groups_csv); '

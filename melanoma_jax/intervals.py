@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from melanoma_jax import datasets
+from melanoma_jax import datasets, metrics
 
 LEVEL = 0.95
 NUM_RESAMPLES = 2000
@@ -67,7 +67,7 @@ def weighted_recalls(weights: np.ndarray, labels: np.ndarray, correct: np.ndarra
   labels, correct = np.asarray(labels), np.asarray(correct, np.float64)
   one_hot = (labels[:, None] == np.arange(num_classes)).astype(np.float64)  # [N, C]
   hits, support = weights @ (one_hot * correct[:, None]), weights @ one_hot
-  return np.divide(hits, support, out=np.full(hits.shape, np.nan), where=support > 0)
+  return metrics.ratio(hits, support)
 
 
 def weighted_auc(weights: np.ndarray, scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def value(figure: Any) -> Any:
 def add_intervals(split_report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
                   class_names: Sequence[str], num_resamples: int = NUM_RESAMPLES,
                   seed: int = SEED) -> dict[str, Any]:
-  """`evaluation.report`'s dict with its headline figures as {"value", "ci95"}.
+  """`clinical_report.report`'s dict with its headline figures as {"value", "ci95"}.
 
   Accuracy, per-class recall and the melanoma alert's sensitivity,
   specificity, PPV and NPV: Clopper-Pearson from the report's counts.

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors
+from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -133,23 +134,23 @@ def read_csv(path: epath.PathLike) -> dict[str, np.ndarray]:
   a blank cell is unknown.
 
   Raises:
-    image_folders.DatasetLayoutError: no image column, or a value outside the vocabulary.
+    errors.DatasetLayoutError: no image column, or a value outside the vocabulary.
   """
   path = epath.Path(path)
   if not path.is_file():
-    raise image_folders.DatasetLayoutError(f'Metadata CSV {path} not found.')
+    raise errors.DatasetLayoutError(f'Metadata CSV {path} not found.')
   header = path.read_bytes().decode('utf-8-sig', errors='replace').splitlines()[:1]
   columns = [c.strip() for c in (header[0].split(',') if header else [])]
-  image_column = next((c for c in image_folders.IMAGE_COLUMNS if c in columns), None)
+  image_column = next((c for c in groups_csv.IMAGE_COLUMNS if c in columns), None)
   if image_column is None:
-    raise image_folders.DatasetLayoutError(
-        f'Metadata CSV {path} needs an image column (one of {list(image_folders.IMAGE_COLUMNS)}); '
+    raise errors.DatasetLayoutError(
+        f'Metadata CSV {path} needs an image column (one of {list(groups_csv.IMAGE_COLUMNS)}); '
         f'it has {columns}.')
   pick = lambda names: next((c for c in names if c in columns), None)
   age_column, sex_column, site_column = pick(AGE_COLUMNS), pick(SEX_COLUMNS), pick(SITE_COLUMNS)
   rows, skipped = tables.read_csv(path, (image_column,))
   if skipped:
-    raise image_folders.DatasetLayoutError(f'Metadata CSV {path}: {skipped[0].file_name}: '
+    raise errors.DatasetLayoutError(f'Metadata CSV {path}: {skipped[0].file_name}: '
                                            f'{skipped[0].reason}.')
   encoded = {}
   for row in rows:
@@ -159,7 +160,7 @@ def read_csv(path: epath.PathLike) -> dict[str, np.ndarray]:
       fields = tables.metadata(value(age_column), value(sex_column), value(site_column),
                                source=source)
     except tables.SkipRow as error:
-      raise image_folders.DatasetLayoutError(
+      raise errors.DatasetLayoutError(
           f'Metadata CSV {path} line {row.line}: {error}.') from None
     encoded[tables.image_key(row.values[image_column])] = encode(
         [fields['age']], [fields['sex']], [fields['site']])[0]

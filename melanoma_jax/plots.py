@@ -1,7 +1,7 @@
-"""Figures of a dataset and an evaluation: overview, confusion matrices, ROC curves, reliability, Grad-CAM.
+"""Every figure: dataset overview, training curves, confusion matrices, ROC curves, reliability, Grad-CAM.
 
-Plain matplotlib over numbers computed elsewhere (`evaluation`, `saliency`),
-so what a figure shows is what the report says.
+Plain matplotlib over numbers computed elsewhere (`metrics`, `clinical_report`,
+`reporting`, `saliency`), so what a figure shows is what the report says.
 """
 
 import textwrap
@@ -130,4 +130,21 @@ def dataset_overview(path: epath.PathLike, class_names: Sequence[str],
       ax.imshow(image)
     ax.set_title('\n'.join(textwrap.wrap(name, 14)), fontsize=8)
     ax.axis('off')
+  _save(fig, path)
+
+
+def training_curves(path: epath.PathLike, history: Sequence[Mapping[str, Any]]) -> None:
+  """Accuracy, loss and learning rate per epoch of the training history, train vs validation."""
+  epochs = [row['epoch'] for row in history]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, metric in zip(axes[:2], ('accuracy', 'loss')):
+    ax.plot(epochs, [row[f'train_{metric}'] for row in history], 'o-', label='train')
+    ax.plot(epochs, [row[f'val_{metric}'] for row in history], 'o-', label='validation')
+    ax.set(xlabel='epoch', ylabel=metric, title=metric)
+    ax.legend()
+  axes[0].plot(epochs, [row['val_balanced_accuracy'] for row in history], 's--',
+               label='validation (balanced)')
+  axes[0].legend()
+  axes[2].semilogy(epochs, [row['lr'] for row in history], 'o-')
+  axes[2].set(xlabel='epoch', ylabel='learning rate', title='learning rate')
   _save(fig, path)

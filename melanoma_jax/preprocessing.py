@@ -22,6 +22,8 @@ import tensorflow as tf
 from etils import epath
 from PIL import Image, ImageOps
 
+from melanoma_jax.errors import UnreadableImageError
+
 _EXIF_ORIENTATION = 0x0112
 _MODE_NAMES = {
     '1': 'black-and-white',
@@ -38,10 +40,6 @@ _MODE_NAMES = {
 DRAFT_MIN_FRACTION = 7 / 8
 # What PIL raises on corrupt, truncated or non-image files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class UnreadableImageError(ValueError):
-  """An image file cannot be decoded; preparation skips it, prediction reports it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Side effects of a run's progress: model table, dataset overview, history file, TensorBoard and curves.
 
+The figures are drawn by `plots`; this module decides what and where.
+
 Only process 0 writes; every function here is a no-op elsewhere.
 """
 
@@ -8,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import matplotlib
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -16,12 +17,9 @@ from etils import epath
 
 from melanoma_jax import input_pipeline, plots
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
 MODEL_SUMMARY = 'model_summary.txt'
 DATASET_OVERVIEW = 'dataset_overview.png'
+CURVES_PNG = 'curves.png'
 
 
 def write_model_summary(workdir: epath.PathLike, table: str) -> None:
@@ -83,19 +81,4 @@ def plot_curves(workdir: epath.PathLike, history: Sequence[dict[str, Any]]) -> N
   """curves.png: accuracy, loss and learning rate per epoch, train vs validation."""
   if jax.process_index() != 0 or not history:
     return
-  epochs = [row['epoch'] for row in history]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for ax, metric in zip(axes[:2], ('accuracy', 'loss')):
-    ax.plot(epochs, [row[f'train_{metric}'] for row in history], 'o-', label='train')
-    ax.plot(epochs, [row[f'val_{metric}'] for row in history], 'o-', label='validation')
-    ax.set(xlabel='epoch', ylabel=metric, title=metric)
-    ax.legend()
-  axes[0].plot(epochs, [row['val_balanced_accuracy'] for row in history], 's--',
-               label='validation (balanced)')
-  axes[0].legend()
-  axes[2].semilogy(epochs, [row['lr'] for row in history], 'o-')
-  axes[2].set(xlabel='epoch', ylabel='learning rate', title='learning rate')
-  fig.tight_layout()
-  with (epath.Path(workdir) / 'curves.png').open('wb') as f:
-    fig.savefig(f, dpi=100)
-  plt.close(fig)
+  plots.training_curves(epath.Path(workdir) / CURVES_PNG, history)

@@ -12,10 +12,10 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   (an unknown flag aborts XLA), and it changes which lowering is fastest
   (`models.seed_cnn_lowering.resolve`).
 * glibc returns every freed block over 32 MiB to the kernel, so each step
-  faults its GBs of temporaries in again, 4 KiB at a time: a one-epoch
-  launch.py run took 27M page faults and 53 s of system time; with
-  transparent huge pages, 0.44M and 26 s. glibc reads the setting only at
-  process start, so entry points re-execute themselves with it once.
+  faults its GBs of temporaries in again, 4 KiB at a time (README, Speed:
+  the page faults and system time with and without transparent huge pages).
+  glibc reads the setting only at process start, so entry points re-execute
+  themselves with it once.
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.

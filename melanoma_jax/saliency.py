@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
 
-from melanoma_jax import cli, models, plots, preprocessing, steps
+from melanoma_jax import cli, errors, models, paths, plots, preprocessing, steps
 
 
 def _class_score(logits: jax.Array, class_index: jax.Array) -> jax.Array:
@@ -86,10 +86,10 @@ def class_index(name_or_index: str, class_names: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = cli.run_parser(__doc__)
-  parser.add_argument('--image', required=True, type=cli.user_path)
+  parser.add_argument('--image', required=True, type=paths.user_path)
   parser.add_argument('--class', dest='class_name', default=None,
                       help='Class name or number; default: the predicted class.')
-  parser.add_argument('--output', required=True, type=cli.user_path, help='PNG file to write.')
+  parser.add_argument('--output', required=True, type=paths.user_path, help='PNG file to write.')
   args = parser.parse_args(argv)
   state, config, meta = cli.restore(args)
   class_names = meta['class_names']
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
     index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
-  except (preprocessing.UnreadableImageError, ValueError) as e:
+  except (errors.UnreadableImageError, ValueError) as e:
     sys.exit(f'Error: {args.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
   os.makedirs(os.path.dirname(args.output), exist_ok=True)

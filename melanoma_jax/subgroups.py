@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from melanoma_jax import intervals
+from melanoma_jax import intervals, metrics
 
 # Fewer melanomas (or fewer other lesions) than this in a subgroup: flagged.
 MIN_CASES = 5
@@ -67,17 +67,15 @@ def subgroup_report(attributes: Mapping[str, Sequence[Any]], p_melanoma: np.ndar
       melanomas, others = int(positive.sum()), int((~positive).sum())
       weights = intervals.resample_counts(
           intervals.stratified_resamples(positive, num_resamples, seed)).astype(np.float64)
-      auc = intervals.weighted_auc(np.ones((1, len(p))), p, positive)[0]
       entry = {'subgroup': group, 'images': int(members.sum()), 'melanomas': melanomas,
-               'roc_auc': intervals.with_ci(auc, intervals.percentile_interval(
+               'roc_auc': intervals.with_ci(metrics.roc_auc(p, positive), intervals.percentile_interval(
                    intervals.weighted_auc(weights, p, positive)))}
       if threshold is not None:
-        alert = p >= threshold
-        tp, tn = int(np.sum(alert & positive)), int(np.sum(~alert & ~positive))
-        entry['sensitivity'] = intervals.with_ci(tp / melanomas if melanomas else math.nan,
-                                                 intervals.clopper_pearson(tp, melanomas))
-        entry['specificity'] = intervals.with_ci(tn / others if others else math.nan,
-                                                 intervals.clopper_pearson(tn, others))
+        alert = metrics.binary_at_threshold(p, positive, threshold)
+        entry['sensitivity'] = intervals.with_ci(alert['sensitivity'], intervals.clopper_pearson(
+            alert['true_positives'], melanomas))
+        entry['specificity'] = intervals.with_ci(alert['specificity'], intervals.clopper_pearson(
+            alert['true_negatives'], others))
       entry['too_few_cases'] = melanomas < min_cases or others < min_cases
       entries.append(entry)
     result[name] = entries

@@ -18,9 +18,9 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from melanoma_jax import (calibration, checkpointing, cli, config_checks, datasets, distributed,
-                          evaluation, input_pipeline, intervals, losses, metrics as metrics_lib,
-                          model_summary, models, ood, optim, preemption, reporting, steps, workdir_lock)
+from melanoma_jax import (calibration, checkpointing, clinical_report, config_checks, datasets, distributed,
+                          input_pipeline, intervals, losses, metrics as metrics_lib, model_summary, models,
+                          ood, optim, paths, preemption, reporting, steps, workdir_lock)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import ConfigError
 
@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   whole call: a second run on it is refused.
   """
   validate_config(config)
-  workdir = epath.Path(cli.user_path(str(workdir)))  # orbax refuses relative paths
+  workdir = epath.Path(paths.user_path(str(workdir)))  # orbax refuses relative paths
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), preemption.stop_on_sigterm():
     try:
       return _train_and_evaluate(config, workdir, start_over)
@@ -251,7 +251,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
              'lr': state.tx.current_learning_rate(state.opt_state, int(state.step))}
       row.update(metrics_lib.summarize(total, 'train'))
       train_seconds = time.perf_counter() - epoch_start
-      val = evaluation.gather_predictions(state, data.val, config.batch_size)
+      val = clinical_report.gather_predictions(state, data.val, config.batch_size)
       row.update(val.summary('val'))
       if not np.isfinite(row['val_loss']):
         raise FloatingPointError(
@@ -318,9 +318,9 @@ def _warn_without_validation_melanoma(data: input_pipeline.Data) -> None:
                     'operating_point.json will be written. Raise config.val_fraction or add melanoma images.')
 
 
-def _clinical_summary(val: evaluation.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
+def _clinical_summary(val: clinical_report.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
   """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
-  report = evaluation.report(val.probs, val.labels, class_names)
+  report = clinical_report.report(val.probs, val.labels, class_names)
   return {'val_macro_f1': report['macro_f1'], 'val_macro_roc_auc': report['macro_roc_auc'],
           'val_expected_calibration_error': report['expected_calibration_error'],
           'val_melanoma_roc_auc': (report['melanoma'] or {}).get('roc_auc')}
@@ -336,14 +336,14 @@ def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[
   best = rows.get(meta['epoch'], {'epoch': meta['epoch'], 'val_loss': meta['val_loss']})
   result = {'best_epoch': best['epoch'], 'class_names': list(data.class_names)}
   result.update({k: v for k, v in best.items() if k.startswith('val_')})
-  full = evaluation.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {
+  full = clinical_report.evaluate_checkpoint(state, data, 'test', config.target_sensitivity, config.batch_size, {
       'step': int(state.step), 'epoch': best['epoch'], 'selected_by': 'lowest validation loss'})
   result.update(full.predictions.summary('test'))
   detector = ood.fit(state, data, config.batch_size, full.report['checkpoint'])
   full.report['out_of_distribution'] = detector['summary']
   ood.write(workdir, detector)
-  evaluation.write_reports(workdir, full)
-  evaluation.write_operating_point(workdir, full.report['operating_point'])
+  clinical_report.write_reports(workdir, full)
+  clinical_report.write_operating_point(workdir, full.report['operating_point'])
   calibration.write(workdir, full.report['calibration'])
   test = full.report['splits']['test']
   result['test_macro_roc_auc'] = intervals.value(test['macro_roc_auc'])
@@ -353,5 +353,5 @@ def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[
     (workdir / 'test_metrics.json').write_text(json.dumps(result, indent=2))
   logging.info('Best epoch %d: %s', best['epoch'], _format(result, ('val_loss', 'val_accuracy', 'val_balanced_accuracy')))
   logging.info('Test: %s', _format(result, ('test_loss', 'test_accuracy', 'test_balanced_accuracy')))
-  logging.info('%s. Report: %s', evaluation.headline(full.report), workdir / evaluation.REPORT_MD)
+  logging.info('%s. Report: %s', clinical_report.headline(full.report), workdir / clinical_report.REPORT_MD)
   return result

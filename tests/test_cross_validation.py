@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import stats
 from sklearn import model_selection
 
-from melanoma_jax import (cross_validation, ensemble, evaluate, evaluation, inference, input_pipeline,
+from melanoma_jax import (clinical_report, cross_validation, ensemble, evaluate, inference, input_pipeline,
                           reporting, steps, train)
 
 K = 3
@@ -117,7 +117,7 @@ def test_cv_writes_fold_runs_oof_predictions_and_report(cv_run):
     assert sorted(np.concatenate([data.train.file_names, data.val.file_names])) == train_files
   rows = _csv(workdir / cross_validation.OOF_FILE)
   assert sorted(row['file'] for row in rows) == train_files  # Every Train image exactly once.
-  predictions = _csv(workdir / evaluation.PREDICTIONS_CSV)
+  predictions = _csv(workdir / clinical_report.PREDICTIONS_CSV)
   assert list(rows[0]) == list(predictions[0])
   assert list(rows[0])[:4] == ['file', 'label', 'predicted_class', 'melanoma_probability']
   # Out-of-fold rows of fold 1 are fold 1's model on its own validation images.
@@ -132,7 +132,7 @@ def test_cv_writes_fold_runs_oof_predictions_and_report(cv_run):
   report = json.loads((workdir / cross_validation.CV_REPORT_JSON).read_text())
   assert report['test']['accuracy']['mean'] == pytest.approx(np.mean(accuracies))
   assert report['test']['accuracy']['std'] == pytest.approx(np.std(accuracies, ddof=1))
-  held_out = [json.loads((workdir / f'fold_{i}' / evaluation.REPORT_JSON).read_text())['splits']['val']
+  held_out = [json.loads((workdir / f'fold_{i}' / clinical_report.REPORT_JSON).read_text())['splits']['val']
               for i in range(K)]
   sens = [r['melanoma']['sensitivity']['value'] for r in held_out]
   assert report['held_out_fold']['melanoma.sensitivity']['mean'] == pytest.approx(np.mean(sens))
@@ -144,7 +144,7 @@ def test_fold_ensemble_averages_the_fold_models_at_the_oof_threshold(cv_run):
   workdir, config, _ = cv_run
   data = input_pipeline.load_data(cross_validation.fold_config(config, 0))
   expected = np.mean(_fold_probs(workdir, data.test.images), axis=0)
-  rows = {row['file']: row for row in _csv(workdir / evaluation.PREDICTIONS_CSV)}
+  rows = {row['file']: row for row in _csv(workdir / clinical_report.PREDICTIONS_CSV)}
   names = json.loads((workdir / ensemble.ENSEMBLE_FILE).read_text())['class_names']
   got = [[float(rows[f][f'p_{c}']) for c in names] for f in data.test.file_names]
   np.testing.assert_allclose(got, expected, atol=2e-6)
@@ -152,23 +152,23 @@ def test_fold_ensemble_averages_the_fold_models_at_the_oof_threshold(cv_run):
   oof = [float(r['melanoma_probability']) for r in _csv(workdir / cross_validation.OOF_FILE)
          if r['label'] == 'melanoma']
   needed = math.ceil(0.9 * len(oof))
-  threshold = evaluation.read_operating_point(workdir)['threshold']
+  threshold = clinical_report.read_operating_point(workdir)['threshold']
   assert threshold == pytest.approx(sorted(oof, reverse=True)[needed - 1], abs=1e-6)
-  assert evaluation.read_operating_point(workdir)['chosen_on'] == 'out-of-fold predictions'
+  assert clinical_report.read_operating_point(workdir)['chosen_on'] == 'out-of-fold predictions'
 
 
 def test_one_command_evaluates_the_fold_ensemble_with_rank_and_tta(cv_run, tmp_path):
   workdir, _, _ = cv_run
   evaluate.main(['--workdir', str(workdir), '--combine', 'rank', '--tta', '--output_dir', str(tmp_path)])
-  report = json.loads((tmp_path / evaluation.REPORT_JSON).read_text())
+  report = json.loads((tmp_path / clinical_report.REPORT_JSON).read_text())
   assert report['checkpoint']['tta'] and report['checkpoint']['combine'] == 'rank'
   assert len(report['checkpoint']['members']) == K
-  markdown = (tmp_path / evaluation.REPORT_MD).read_text()
+  markdown = (tmp_path / clinical_report.REPORT_MD).read_text()
   assert 'Ensemble of 3 models (rank)' in markdown and 'Test-time augmentation' in markdown
   assert 'not probabilities' in markdown and 'chosen on out-of-fold predictions as the highest' in markdown
-  assert len(_csv(tmp_path / evaluation.PREDICTIONS_CSV)) == report['splits']['test']['num_examples']
+  assert len(_csv(tmp_path / clinical_report.PREDICTIONS_CSV)) == report['splits']['test']['num_examples']
   # Inference with that ensemble gives the evaluated scores: a Test image, written out, scores the same.
-  test_row = _csv(tmp_path / evaluation.PREDICTIONS_CSV)[0]
+  test_row = _csv(tmp_path / clinical_report.PREDICTIONS_CSV)[0]
   description = ensemble.read_description(tmp_path)
   image_path = tmp_path / 'lesion.png'
   images = input_pipeline.load_data(train.restore_for_inference(str(workdir / 'fold_0'))[1]).test
@@ -187,11 +187,11 @@ def test_one_command_evaluates_the_fold_ensemble_with_rank_and_tta(cv_run, tmp_p
 
 def test_rerun_skips_finished_folds_and_finishes_an_unfinished_one(cv_run):
   workdir, config, _ = cv_run
-  before = {i: (workdir / f'fold_{i}' / evaluation.REPORT_JSON).stat().st_mtime_ns for i in range(K)}
+  before = {i: (workdir / f'fold_{i}' / clinical_report.REPORT_JSON).stat().st_mtime_ns for i in range(K)}
   history = reporting.read_history(workdir / 'fold_1')
   (workdir / 'fold_1' / cross_validation.FINISHED_FILE).unlink()
   cross_validation.run_all_folds(config, str(workdir))
-  after = {i: (workdir / f'fold_{i}' / evaluation.REPORT_JSON).stat().st_mtime_ns for i in range(K)}
+  after = {i: (workdir / f'fold_{i}' / clinical_report.REPORT_JSON).stat().st_mtime_ns for i in range(K)}
   assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
   assert reporting.read_history(workdir / 'fold_1') == history  # No epoch repeated.
   assert (workdir / 'fold_1' / cross_validation.FINISHED_FILE).exists()
@@ -215,7 +215,7 @@ def test_evaluation_tta_averages_the_eight_dihedral_views(cv_run):
   views += [np.flip(v, axis=2) for v in views]
   predict = jax.jit(steps.predict)
   expected = np.mean([np.asarray(predict(state, np.ascontiguousarray(v))) for v in views], axis=0)
-  got = evaluation.gather_predictions(state, examples, 8, tta=True)
+  got = clinical_report.gather_predictions(state, examples, 8, tta=True)
   np.testing.assert_allclose(got.probs, expected, atol=2e-6)
-  assert not np.allclose(evaluation.gather_predictions(state, examples, 8).probs, expected, atol=1e-4)
+  assert not np.allclose(clinical_report.gather_predictions(state, examples, 8).probs, expected, atol=1e-4)
   np.testing.assert_allclose(got.losses, -np.log(expected[np.arange(12), examples.labels]), rtol=1e-4)

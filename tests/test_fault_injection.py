@@ -20,9 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from melanoma_jax import (checkpointing, cli, errors, evaluation, inference, input_pipeline,
-                          reporting, train, workdir_lock)
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import (checkpointing, cli, clinical_report, errors, inference, input_pipeline, reporting,
+                          train, workdir_lock)
+from melanoma_jax.datasets import groups_csv
+from melanoma_jax.datasets import preparation
 from test_train import _config as _with, _final_params
 
 
@@ -125,7 +126,7 @@ def _kill_when(monkeypatch, module, name, condition):
     # after the history row, before TensorBoard and the curves
     (reporting, 'write_summaries', lambda writer, row: row['epoch'] == 1),
     # in the final evaluation, before the reports
-    (evaluation, 'write_reports', lambda *args: True),
+    (clinical_report, 'write_reports', lambda *args: True),
 ], ids=['before_history', 'before_summaries', 'in_final_evaluation'])
 def test_kill_at_an_epoch_end_resumes_to_the_uninterrupted_run(reference, tiny_config, tmp_path,
                                                                 monkeypatch, module, name, condition):
@@ -210,7 +211,7 @@ def test_unicode_names_and_groups_by_relative_path(tiny_config, tmp_path):
   assert train_val['Train/melanoma/img000.png'] == 'melanoma0'  # not nevus' img000
   assert not set(data.train.group_ids) & set(data.val.group_ids)
   report = json.loads((input_pipeline.prepared_builder(config).data_path
-                       / image_folders.REPORT_FILE_NAME).read_text())
+                       / preparation.REPORT_FILE_NAME).read_text())
   assert {'file_name': 'Train/nevus/x.jpg', 'reason': 'not a regular file (FIFO, socket or device)'} \
       in report['skipped']
   # Prepared data needs no tree (evaluate after the tree moved).
@@ -223,10 +224,10 @@ def test_ambiguous_or_undecodable_groups_csv_is_a_clear_error(tmp_path):
   (tmp_path / 'bare.csv').write_text('image,lesion_id\nimg000,L1\n')
   with pytest.raises(errors.DatasetLayoutError,
                      match=r"'img000' names 2 images \(Train/melanoma/img000.png, Train/nevus/img000.png\)"):
-    image_folders.match_groups(files, image_folders.read_groups_csv(tmp_path / 'bare.csv'))
+    groups_csv.match_groups(files, groups_csv.read_groups_csv(tmp_path / 'bare.csv'))
   (tmp_path / 'latin1.csv').write_bytes('image,lesion_id\nnævus,L1\n'.encode('latin-1'))
   with pytest.raises(errors.DatasetLayoutError, match=r'not UTF-8 text \(byte 0xe6'):
-    image_folders.read_groups_csv(tmp_path / 'latin1.csv')
+    groups_csv.read_groups_csv(tmp_path / 'latin1.csv')
 
 
 # --- 5. Inference arguments and its CSV -----------------------------------------------------
@@ -322,7 +323,7 @@ def test_sigterm_outside_the_training_steps_exits_cleanly(reference, tiny_config
   ref_dir, ref_result = reference
   workdir = _copy(ref_dir, tmp_path) if phase == 'final_evaluation' else tmp_path / 'run'
   module, name = ((input_pipeline, 'load_data') if phase == 'data_loading'
-                  else (evaluation, 'evaluate_checkpoint'))
+                  else (clinical_report, 'evaluate_checkpoint'))
   original = getattr(module, name)
 
   def signalled(*args, **kwargs):

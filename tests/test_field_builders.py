@@ -14,11 +14,11 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from melanoma_jax import input_pipeline
+from melanoma_jax import errors, input_pipeline, preprocessing
 from melanoma_jax.datasets import ham10000
-from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import isic2019
 from melanoma_jax.datasets import isic2020
+from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -28,7 +28,7 @@ SIZE = 8
 def _prepare(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path
              ) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(name, data_dir=data_dir,
-                         config=image_folders.FolderConfig(name=f'{SIZE}px', image_size=SIZE))
+                         config=preparation.FolderConfig(name=f'{SIZE}px', image_size=SIZE))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
@@ -107,17 +107,17 @@ def test_ham10000_report_lists_every_bad_row(ham):
 
 
 def test_ham10000_layout_errors(tmp_path):
-  with pytest.raises(image_folders.DatasetLayoutError,
+  with pytest.raises(errors.DatasetLayoutError,
                      match=r'(?s)has no HAM10000_metadata.csv.*Kaggle'):
     _prepare('ham10000', tmp_path / 'data', tmp_path)
   field_fixtures.write_csv(tmp_path / ham10000.METADATA_CSV, ['image_id,dx', 'ISIC_0000001,mel'])
   for part in ham10000.IMAGE_FOLDERS:
     (tmp_path / part).mkdir()
-  with pytest.raises(image_folders.DatasetLayoutError,
+  with pytest.raises(errors.DatasetLayoutError,
                      match=r"lacks the column\(s\) \['lesion_id', 'dx_type', 'age', 'sex'"):
     _prepare('ham10000', tmp_path / 'data', tmp_path)
   (tmp_path / ham10000.METADATA_CSV).write_bytes(b'\xff\xfe\x00garbage')
-  with pytest.raises(image_folders.DatasetLayoutError, match='is not a UTF-8 CSV file'):
+  with pytest.raises(errors.DatasetLayoutError, match='is not a UTF-8 CSV file'):
     _prepare('ham10000', tmp_path / 'data', tmp_path)
 
 
@@ -239,7 +239,7 @@ def test_parallel_map_keeps_order_and_bounds_work_in_flight():
     started.append(i)
     return i * i
 
-  results = image_folders.parallel_map(work, range(100), threads=2)
+  results = preparation.parallel_map(work, range(100), threads=2)
   assert [next(results) for _ in range(3)] == [0, 1, 4]
   assert len(started) <= 3 + 4 * 2  # Not all 100 submitted at once.
   assert list(results) == [i * i for i in range(3, 100)]
@@ -248,23 +248,23 @@ def test_parallel_map_keeps_order_and_bounds_work_in_flight():
 def test_stored_pixels_are_the_decoded_pixels(tmp_path):
   """The PNG bytes written in worker threads decode to exactly `decode_image`'s pixels."""
   field_fixtures.jpeg(tmp_path / 'a.jpg', seed=3)
-  pixels = image_folders.decode_image(tmp_path / 'a.jpg', 16).pixels
+  pixels = preprocessing.decode_image(tmp_path / 'a.jpg', 16).pixels
   feature = tfds.features.Image(shape=(16, 16, 3), encoding_format='png')
   np.testing.assert_array_equal(
-      feature.decode_example_np(image_folders.encode_png(pixels)), pixels)
+      feature.decode_example_np(preparation.encode_png(pixels)), pixels)
 
 
 _KILLED_PREPARATION = '''
 import sys, time
 import tensorflow_datasets as tfds
-from melanoma_jax.datasets import image_folders, isic2020
-decode = image_folders.decode_image
+from melanoma_jax.datasets import isic2020, preparation
+decode = preparation.decode_image
 def slow(path, size):
   time.sleep(0.5)
   return decode(path, size)
-image_folders.decode_image = slow
+preparation.decode_image = slow
 builder = tfds.builder('isic2020', data_dir=sys.argv[1],
-                       config=image_folders.FolderConfig(name='8px', image_size=8))
+                       config=preparation.FolderConfig(name='8px', image_size=8))
 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[2]))
 '''
 
@@ -332,7 +332,7 @@ def test_source_weights_set_how_often_each_source_is_drawn(combined):
   from_2019 = np.mean(data.train.extras['source'][drawn] == 0)
   assert abs(from_2019 - 0.75) < 0.03  # 3:1; binomial sd 0.007.
   combined.source_weights = 'isic2019:1'
-  with pytest.raises(input_pipeline.DataError, match="weight >= 0 to each of"):
+  with pytest.raises(errors.DataError, match="weight >= 0 to each of"):
     input_pipeline.source_weights(combined)
 
 

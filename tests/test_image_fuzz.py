@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors, preprocessing
 
 SIZE = 16
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -16,8 +16,8 @@ def _check(tmp_path, data: bytes, name: str = 'x.jpg'):
   path = tmp_path / name
   path.write_bytes(data)
   try:
-    decoded = image_folders.decode_image(path, SIZE)
-  except image_folders.UnreadableImageError as error:
+    decoded = preprocessing.decode_image(path, SIZE)
+  except errors.UnreadableImageError as error:
     assert str(error)  # a reason the preparation report can show
     return None
   assert decoded.pixels.shape == (SIZE, SIZE, 3) and decoded.pixels.dtype == np.uint8

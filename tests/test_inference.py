@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_jax import calibration, evaluate, evaluation, inference, ood, plots, saliency, steps, train
+from melanoma_jax import calibration, clinical_report, evaluate, inference, ood, plots, saliency, steps, train
 
 
 @pytest.fixture(scope='module')
@@ -23,9 +23,9 @@ def restored(run):
 
 
 def test_training_leaves_reports_plots_and_the_operating_point(run):
-  report = json.loads((run / evaluation.REPORT_JSON).read_text())
+  report = json.loads((run / clinical_report.REPORT_JSON).read_text())
   assert report['split'] == 'test' and set(report['splits']) == {'val', 'test'}
-  operating_point = evaluation.read_operating_point(run)
+  operating_point = clinical_report.read_operating_point(run)
   assert operating_point == report['operating_point']
   assert operating_point['target_sensitivity'] == 0.9
   validation = report['splits']['val']['melanoma']
@@ -36,7 +36,7 @@ def test_training_leaves_reports_plots_and_the_operating_point(run):
   assert calibration.read(run) == report['calibration'] and report['calibration']['temperature'] > 0
   assert ood.read(run)['threshold'] == report['out_of_distribution']['threshold']
   assert report['splits']['test']['melanoma']['threshold'] == operating_point['threshold']
-  assert 'Melanoma alert' in (run / evaluation.REPORT_MD).read_text()
+  assert 'Melanoma alert' in (run / clinical_report.REPORT_MD).read_text()
   for png in ('curves.png', *plots.REPORT_PLOTS.values()):
     assert (run / png).stat().st_size > 10_000, png
 
@@ -62,7 +62,7 @@ def test_predict_gives_every_file_a_row_and_the_corrupt_one_its_error(run, tmp_p
   assert set(rows) == {'a.png', 'b.JPG', 'c.bmp', 'corrupt.jpg', 'missing.png'}
   assert rows['missing.png']['error'] == 'no such file'
   assert rows['corrupt.jpg']['error'] and rows['corrupt.jpg']['melanoma_probability'] == ''
-  threshold = evaluation.read_operating_point(run)['threshold']
+  threshold = clinical_report.read_operating_point(run)['threshold']
   class_names = json.loads(output.with_suffix('.json').read_text())['class_names']
   for name in ('a.png', 'b.JPG', 'c.bmp'):
     row = rows[name]
@@ -89,9 +89,9 @@ def test_tta_averages_the_eight_flips_and_rotations(restored):
 
 def test_evaluate_writes_the_report_of_a_checkpoint_on_a_split(run, tmp_path):
   evaluate.main(['--workdir', str(run), '--split', 'val', '--output_dir', str(tmp_path)])
-  report = json.loads((tmp_path / evaluation.REPORT_JSON).read_text())
+  report = json.loads((tmp_path / clinical_report.REPORT_JSON).read_text())
   assert report['split'] == 'val' and list(report['splits']) == ['val']
-  assert report['operating_point']['threshold'] == evaluation.read_operating_point(run)['threshold']
+  assert report['operating_point']['threshold'] == clinical_report.read_operating_point(run)['threshold']
   assert (tmp_path / plots.ROC_PNG).exists()
 
 

@@ -5,9 +5,10 @@ import hashlib
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from scipy import stats
 
-from melanoma_jax import input_pipeline
+from melanoma_jax import datasets, errors, input_pipeline
 
 
 @pytest.fixture(scope='module')
@@ -105,8 +106,13 @@ def test_epoch_is_the_train_split_size():
 def test_missing_dataset_is_a_clear_error(tiny_config):
   bad = tiny_config.copy_and_resolve_references()
   bad.dataset = 'no_such_lesions'
-  with pytest.raises(input_pipeline.DataError, match='no_such_lesions'):
+  with pytest.raises(errors.DataError, match=r"no_such_lesions.*'image_folder', 'isic2019'"):
     input_pipeline.load_data(bad)
+
+
+def test_every_registered_builder_is_the_one_tfds_knows_by_that_name():
+  for name, builder_class in datasets.BUILDERS.items():
+    assert tfds.builder_cls(name) is builder_class
 
 
 def test_groups_csv_keeps_each_lesion_on_one_side(tiny_config, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk
 
-from melanoma_jax import evaluation, input_pipeline, intervals, subgroups, train
+from melanoma_jax import clinical_report, input_pipeline, intervals, subgroups, train
 
 
 @pytest.mark.parametrize('k,n', [(14, 16), (0, 10), (10, 10), (1, 1), (37, 118)])
@@ -36,7 +36,7 @@ def test_bootstrap_equals_a_plain_loop_with_sklearn():
   probs, labels = _tiny_case(0)
   names = ['a', 'melanoma', 'c']
   resamples, seed = 300, 5
-  report = intervals.add_intervals(evaluation.report(probs, labels, names, threshold=0.4), probs, labels,
+  report = intervals.add_intervals(clinical_report.report(probs, labels, names, threshold=0.4), probs, labels,
                                    names, resamples, seed)
   indices = intervals.stratified_resamples(labels, resamples, seed)
   balanced, auc_melanoma, macro = [], [], []
@@ -59,7 +59,7 @@ def test_bootstrap_equals_a_plain_loop_with_sklearn():
   assert recall['ci95'] == pytest.approx(list(intervals.clopper_pearson(
       int(np.sum((probs.argmax(axis=1) == 2) & (labels == 2))), 9)))
   json.dumps(report, allow_nan=False)
-  assert '(' in evaluation.to_markdown({
+  assert '(' in clinical_report.to_markdown({
       'split': 'test', 'class_names': names, 'operating_point': None, 'calibration_binning': '',
       'checkpoint': {'step': 1, 'epoch': 1, 'selected_by': 'x'}, 'splits': {'test': report}})
 
@@ -100,10 +100,10 @@ def test_subgroups_match_sklearn_on_each_subset_and_flag_small_ones():
   assert any(e['too_few_cases'] for e in report['site'] if e['subgroup'] == 'acral')
   assert 'too few cases' in '\n'.join(subgroups.to_markdown(report, 'Test'))
   probs = np.stack([1 - p, p], axis=1)
-  split = intervals.add_intervals(evaluation.report(probs, positive.astype(int), ('other', 'melanoma'),
+  split = intervals.add_intervals(clinical_report.report(probs, positive.astype(int), ('other', 'melanoma'),
                                                     threshold), probs, positive.astype(int),
                                   ('other', 'melanoma'), num_resamples=100)
-  markdown = evaluation.to_markdown({
+  markdown = clinical_report.to_markdown({
       'split': 'test', 'class_names': ['other', 'melanoma'], 'calibration_binning': '',
       'operating_point': {'threshold': threshold, 'target_sensitivity': 0.9, 'chosen_on': 'validation'},
       'checkpoint': {'step': 1, 'epoch': 1, 'selected_by': 'x'}, 'splits': {'test': split},
@@ -125,9 +125,9 @@ def test_report_has_subgroups_when_the_examples_carry_attributes(tiny_config):
   test = dataclasses.replace(plain, extras=extras)
   names = tuple(f'c{c}' for c in range(8)) + ('melanoma',)
   checkpoint = {'step': 1, 'epoch': 1, 'selected_by': 'x'}
-  full = evaluation.evaluate_checkpoint(state, input_pipeline.Data(plain, plain, test, names), 'test', 0.9, 8,
+  full = clinical_report.evaluate_checkpoint(state, input_pipeline.Data(plain, plain, test, names), 'test', 0.9, 8,
                                         checkpoint).report
   assert set(full['subgroups']) == {'age', 'sex', 'site'}
   assert sum(e['images'] for e in full['subgroups']['sex']) == n
-  assert 'subgroups' not in evaluation.evaluate_checkpoint(
+  assert 'subgroups' not in clinical_report.evaluate_checkpoint(
       state, input_pipeline.Data(plain, plain, plain, names), 'test', 0.9, 8, checkpoint).report

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from melanoma_jax import errors
 from melanoma_jax import metadata
 from melanoma_jax import models
-from melanoma_jax.datasets import image_folders
 from melanoma_jax.datasets import vocabulary
 
 
@@ -66,5 +66,5 @@ def test_read_csv(tmp_path):
   np.testing.assert_array_equal(encoded['ISIC_1'], metadata.encode([45.0], ['female'], ['torso'])[0])
   np.testing.assert_array_equal(encoded['ISIC_2'], metadata.unknown(1)[0])
   path.write_text('image,sex\nISIC_1,robot\n')
-  with pytest.raises(image_folders.DatasetLayoutError, match="line 2: unknown sex 'robot'"):
+  with pytest.raises(errors.DatasetLayoutError, match="line 2: unknown sex 'robot'"):
     metadata.read_csv(path)

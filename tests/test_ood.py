@@ -14,7 +14,7 @@ from scipy import special
 from scipy.spatial import distance
 from sklearn import covariance as sk_covariance, datasets as sk_datasets
 
-from melanoma_jax import calibration, evaluation, inference, ood, steps, train
+from melanoma_jax import calibration, clinical_report, inference, ood, steps, train
 
 
 class _OtherModel(nn.Module):
@@ -107,7 +107,7 @@ def lesion_run(tiny_config, tmp_path_factory):
 
 
 def test_photographs_are_refused_and_test_lesions_pass(lesion_run, tmp_path):
-  report = json.loads((lesion_run / evaluation.REPORT_JSON).read_text())
+  report = json.loads((lesion_run / clinical_report.REPORT_JSON).read_text())
   summary = report['out_of_distribution']
   assert summary['method'] == 'mahalanobis'
   assert summary['val_pass_rate'] >= 0.95
@@ -127,7 +127,7 @@ def test_photographs_are_refused_and_test_lesions_pass(lesion_run, tmp_path):
 
 def test_inference_applies_the_runs_temperature(lesion_run, tmp_path):
   stored = calibration.read(lesion_run)
-  assert stored == json.loads((lesion_run / evaluation.REPORT_JSON).read_text())['calibration']
+  assert stored == json.loads((lesion_run / clinical_report.REPORT_JSON).read_text())['calibration']
   image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), np.uint8)
   Image.fromarray(image).save(tmp_path / 'x.png')
   output = tmp_path / 'preds.csv'

@@ -7,8 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from melanoma_jax import evaluate, evaluation, inference, input_pipeline, preprocessing, train
-from melanoma_jax.datasets import image_folder  # noqa: F401  pylint: disable=unused-import  # Registers it.
+from melanoma_jax import clinical_report, evaluate, inference, input_pipeline, preprocessing, train
 
 CLASSES = ('melanoma', 'nevus', 'vascular lesion')
 STORED = 256  # image_folder's stored size
@@ -69,7 +68,7 @@ def test_inference_on_the_test_files_equals_evaluate_on_the_test_split(folder_co
   evaluate.main(['--workdir', str(workdir), '--split', 'test', '--output_dir', str(tmp_path / 'eval')])
   inference.main(['--workdir', str(workdir), '--output', str(tmp_path / 'preds.csv'),
                   f'{folder_config.manual_dir}/Test'])
-  eval_columns, eval_rows = _read_csv(tmp_path / 'eval' / evaluation.PREDICTIONS_CSV)
+  eval_columns, eval_rows = _read_csv(tmp_path / 'eval' / clinical_report.PREDICTIONS_CSV)
   file_columns, file_rows = _read_csv(tmp_path / 'preds.csv')
   probability_columns = [f'p_{name}' for name in CLASSES]
   assert eval_columns == ['file', 'label', 'predicted_class', 'melanoma_probability', *probability_columns]
@@ -83,5 +82,5 @@ def test_inference_on_the_test_files_equals_evaluate_on_the_test_split(folder_co
                                [float(row[c]) for c in probability_columns], atol=1e-5)
     assert predicted['predicted_class'] == row['predicted_class']
   # The training run's own final evaluation writes the same file for Test.
-  _, final_rows = _read_csv(workdir / evaluation.PREDICTIONS_CSV)
+  _, final_rows = _read_csv(workdir / clinical_report.PREDICTIONS_CSV)
   assert final_rows == eval_rows

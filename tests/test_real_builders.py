@@ -12,10 +12,12 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from melanoma_jax import errors, preprocessing
 from melanoma_jax.datasets import ISIC_CLASSES
-from melanoma_jax.datasets import image_folder  # pylint: disable=unused-import  # Registers it.
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import isic_skin_cancer
+from melanoma_jax.datasets import preparation
 
 SIZE = 8  # Stored resolution in these tests: small keeps them fast.
 UNICODE_NAME = 'naevus Zürich ünïcode.jpg'
@@ -93,8 +95,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir=None) -> tfds.core.Da
   return builder
 
 
-def _small_config(name: str = f'{SIZE}px', groups_csv=None) -> image_folders.FolderConfig:
-  return image_folders.FolderConfig(name=name, image_size=SIZE, groups_csv=groups_csv)
+def _small_config(name: str = f'{SIZE}px', groups_csv=None) -> preparation.FolderConfig:
+  return preparation.FolderConfig(name=name, image_size=SIZE, groups_csv=groups_csv)
 
 
 # --- Decoding ---------------------------------------------------------------------------
@@ -111,11 +113,11 @@ def special(tmp_path_factory) -> pathlib.Path:
 def test_decode_gives_uint8_rgb_square_or_a_reason(special, name):
   reason = SPECIAL_FILES[name]
   if reason is None:
-    pixels = image_folders.decode_image(special / name, SIZE).pixels
+    pixels = preprocessing.decode_image(special / name, SIZE).pixels
     assert (pixels.dtype, pixels.shape) == (np.uint8, (SIZE, SIZE, 3))
   else:
-    with pytest.raises(image_folders.UnreadableImageError, match=reason):
-      image_folders.decode_image(special / name, SIZE)
+    with pytest.raises(errors.UnreadableImageError, match=reason):
+      preprocessing.decode_image(special / name, SIZE)
 
 
 @pytest.mark.parametrize('name, rgb, conversion', [
@@ -126,7 +128,7 @@ def test_decode_gives_uint8_rgb_square_or_a_reason(special, name):
     ('gray.jpg', (90, 90, 90), 'grayscale -> RGB'),
 ])
 def test_decode_converts_modes(special, name, rgb, conversion):
-  decoded = image_folders.decode_image(special / name, SIZE)
+  decoded = preprocessing.decode_image(special / name, SIZE)
   np.testing.assert_allclose(decoded.pixels.reshape(-1, 3), [rgb] * SIZE * SIZE, atol=2)
   assert conversion is None or conversion in decoded.conversions
 
@@ -138,7 +140,7 @@ def test_scan_reads_tree_and_ignores_hidden_files(tmp_path):
   _tree(tmp_path, {'Train': 2, 'val': 1}, ['b', 'a'])
   (tmp_path / 'Train' / 'a' / '.DS_Store').write_text('x')
   (tmp_path / 'Train' / 'stray.jpg').write_text('x')
-  tree = image_folders.scan_tree(tmp_path)
+  tree = folder_layout.scan_tree(tmp_path)
   assert tree.class_names == ('a', 'b')
   assert {s: len(r) for s, r in tree.splits.items()} == {'train': 4, 'val': 2}
   assert [s.file_name for s in tree.skipped] == ['Train/stray.jpg']
@@ -183,22 +185,22 @@ def _images_without_class_folder(root: pathlib.Path) -> None:
 def test_scan_layout_errors(tmp_path, make, match):
   root = tmp_path / 'root'
   make(root)
-  with pytest.raises(image_folders.DatasetLayoutError, match=match):
-    image_folders.scan_tree(root, splits=('train', 'test'))
+  with pytest.raises(errors.DatasetLayoutError, match=match):
+    folder_layout.scan_tree(root, splits=('train', 'test'))
 
 
 def test_scan_names_unexpected_and_missing_classes(tmp_path):
   _tree(tmp_path, {'Train': 1, 'Test': 1}, ['a', 'melanoma'])
-  with pytest.raises(image_folders.DatasetLayoutError,
+  with pytest.raises(errors.DatasetLayoutError,
                      match=r"unexpected \['a'\], missing \['nevus'\]"):
-    image_folders.scan_tree(tmp_path, class_names=('melanoma', 'nevus'))
+    folder_layout.scan_tree(tmp_path, class_names=('melanoma', 'nevus'))
 
 
 def test_find_root_accepts_either_level(tmp_path):
   archive = tmp_path / 'Some archive name'
   _tree(archive, {'Train': 1, 'Test': 1}, ['a'])
-  assert image_folders.find_root(archive, ('train', 'test')) == archive
-  assert image_folders.find_root(tmp_path, ('train', 'test')) == archive
+  assert folder_layout.find_root(archive, ('train', 'test')) == archive
+  assert folder_layout.find_root(tmp_path, ('train', 'test')) == archive
 
 
 def test_groups_csv(tmp_path):
@@ -206,15 +208,15 @@ def test_groups_csv(tmp_path):
   csv_path.write_text('\ufeffimage_id,lesion_id,patient_id\n'
                       'img_0_0,L1,P1\nimg_1_0.jpg,L2,\nnaevus Zürich ünïcode,L3,P3\n',
                       encoding='utf-8')
-  groups = image_folders.read_groups_csv(csv_path)
-  assert image_folders.group_id('Train/a/img_0_0.png', groups) == 'P1'  # patient_id first.
-  assert image_folders.group_id('img_1_0.jpg', groups) == 'L2'  # Falls back to lesion_id.
-  assert image_folders.group_id(f'x/{UNICODE_NAME}', groups) == 'P3'
-  assert image_folders.group_id('Train/a/other.jpg', groups) == 'Train/a/other.jpg'
-  assert image_folders.group_id('Train/a/other.jpg', None) == ''
+  groups = groups_csv.read_groups_csv(csv_path)
+  assert groups_csv.group_id('Train/a/img_0_0.png', groups) == 'P1'  # patient_id first.
+  assert groups_csv.group_id('img_1_0.jpg', groups) == 'L2'  # Falls back to lesion_id.
+  assert groups_csv.group_id(f'x/{UNICODE_NAME}', groups) == 'P3'
+  assert groups_csv.group_id('Train/a/other.jpg', groups) == 'Train/a/other.jpg'
+  assert groups_csv.group_id('Train/a/other.jpg', None) == ''
   (tmp_path / 'bad.csv').write_text('name,dx\nx,nv\n')
-  with pytest.raises(image_folders.DatasetLayoutError, match='needs an image column'):
-    image_folders.read_groups_csv(tmp_path / 'bad.csv')
+  with pytest.raises(errors.DatasetLayoutError, match='needs an image column'):
+    groups_csv.read_groups_csv(tmp_path / 'bad.csv')
 
 
 # --- isic_skin_cancer -------------------------------------------------------------------
@@ -282,7 +284,7 @@ def test_isic_accepts_the_archive_folder_itself(isic_archive, tmp_path):
 
 
 def test_isic_missing_manual_dir_explains_layout_and_source(tmp_path):
-  with pytest.raises(image_folders.DatasetLayoutError,
+  with pytest.raises(errors.DatasetLayoutError,
                      match=r'(?s)does not exist.*Kaggle.*Train/\n    actinic keratosis/'):
     _prepare(tfds.builder('isic_skin_cancer', data_dir=tmp_path, config=_small_config()),
              manual_dir=tmp_path / 'missing')
@@ -291,14 +293,14 @@ def test_isic_missing_manual_dir_explains_layout_and_source(tmp_path):
 def test_isic_wrong_classes_are_named(tmp_path):
   classes = [c for c in ISIC_CLASSES if c != 'nevus'] + ['naevus']
   _tree(tmp_path / 'archive', {'Train': 1, 'Test': 1}, classes)
-  with pytest.raises(image_folders.DatasetLayoutError,
+  with pytest.raises(errors.DatasetLayoutError,
                      match=r"unexpected \['naevus'\], missing \['nevus'\]"):
     _prepare(tfds.builder('isic_skin_cancer', data_dir=tmp_path / 'data', config=_small_config()),
              manual_dir=tmp_path)
 
 
 def test_failed_preparation_leaves_nothing_behind(isic_archive, tmp_path, monkeypatch):
-  decode = image_folders.decode_image
+  decode = preparation.decode_image
   train_files = 2 * 9 + len(SPECIAL_FILES) - 1  # All but notes.txt get decoded.
   calls = []
 
@@ -309,7 +311,7 @@ def test_failed_preparation_leaves_nothing_behind(isic_archive, tmp_path, monkey
       raise RuntimeError('disk on fire')
     return decode(path, size)
 
-  monkeypatch.setattr(image_folders, 'decode_image', decode_then_fail)
+  monkeypatch.setattr(preparation, 'decode_image', decode_then_fail)
   builder = tfds.builder('isic_skin_cancer', data_dir=tmp_path, config=_small_config())
   with pytest.raises(RuntimeError, match='disk on fire'):
     _prepare(builder, manual_dir=isic_archive)
@@ -343,26 +345,26 @@ def test_image_folder_discovers_classes_and_splits(tmp_path):
   assert sorted(labels) == [0, 1, 2]
   other = tmp_path / 'other'
   _tree(other, {'train': 1}, ['bcc', 'melanoma', 'nevus'])
-  with pytest.raises(image_folders.DatasetLayoutError, match='another data_dir or config name'):
+  with pytest.raises(errors.DatasetLayoutError, match='another data_dir or config name'):
     tfds.builder('image_folder', manual_dir=other, data_dir=data_dir, config=_small_config())
 
 
 def test_image_folder_rejects_a_second_manual_dir(tmp_path):
   _tree(tmp_path / 'derm', {'train': 1}, ['a'])
   builder = tfds.builder('image_folder', manual_dir=tmp_path / 'derm', data_dir=tmp_path / 'data')
-  with pytest.raises(image_folders.DatasetLayoutError, match='differs from the tree'):
+  with pytest.raises(errors.DatasetLayoutError, match='differs from the tree'):
     _prepare(builder, manual_dir=tmp_path)
 
 
 def test_image_folder_needs_a_tree_or_prepared_data(tmp_path):
-  with pytest.raises(image_folders.DatasetLayoutError, match='needs the tree to read'):
+  with pytest.raises(errors.DatasetLayoutError, match='needs the tree to read'):
     tfds.builder('image_folder', data_dir=tmp_path, config=_small_config())
 
 
 def test_image_folder_class_mismatch_is_named_at_construction(tmp_path):
   _tree(tmp_path, {'Train': 1, 'Test': 1}, ['a', 'b'])
   _tree(tmp_path, {'Test': 1}, ['c'])
-  with pytest.raises(image_folders.DatasetLayoutError, match=r"Train lacks \['c'\]"):
+  with pytest.raises(errors.DatasetLayoutError, match=r"Train lacks \['c'\]"):
     tfds.builder('image_folder', manual_dir=tmp_path, data_dir=tmp_path / 'data')
 
 

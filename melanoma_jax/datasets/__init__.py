@@ -1,4 +1,4 @@
-"""TFDS builders for skin-lesion data, and the contract every builder follows.
+"""TFDS builders for skin-lesion data, by name, and the contract every builder follows.
 
 Every builder yields the same features, so the input pipeline never needs to
 know which dataset it reads:
@@ -17,49 +17,19 @@ Builders of datasets with patient metadata (HAM10000, ISIC 2019, SIIM-ISIC
 - ``site``: the anatomical site, one of `vocabulary.SITES` or '' (unknown).
 """
 
-import numpy as np
-import tensorflow_datasets as tfds
+# The contract, importable as `datasets.X`.
+from melanoma_jax.datasets.features import (  # noqa: F401
+    ISIC_CLASSES, ISIC_TRAIN_COUNTS, MELANOMA, METADATA_FEATURES, lesion_features)
+from melanoma_jax.datasets import (ham10000, isic2019, isic2020, isic_skin_cancer, synthetic_lesions,
+                                   user_folder)
 
-ISIC_CLASSES = (
-    'actinic keratosis',
-    'basal cell carcinoma',
-    'dermatofibroma',
-    'melanoma',
-    'nevus',
-    'pigmented benign keratosis',
-    'seborrheic keratosis',
-    'squamous cell carcinoma',
-    'vascular lesion',
-)
-MELANOMA = 'melanoma'
-
-# Train-folder image counts of the 9-class ISIC archive (see shared/REFERENCE.md).
-ISIC_TRAIN_COUNTS = {
-    'actinic keratosis': 114,
-    'basal cell carcinoma': 376,
-    'dermatofibroma': 95,
-    'melanoma': 438,
-    'nevus': 357,
-    'pigmented benign keratosis': 462,
-    'seborrheic keratosis': 77,
-    'squamous cell carcinoma': 181,
-    'vascular lesion': 139,
+# config.dataset names (before any '/config') -> builder class. A new dataset is a
+# builder module in this package (see `preparation.FolderBuilder`) and one entry here.
+BUILDERS = {
+    'ham10000': ham10000.Ham10000,
+    'image_folder': user_folder.ImageFolder,
+    'isic2019': isic2019.Isic2019,
+    'isic2020': isic2020.Isic2020,
+    'isic_skin_cancer': isic_skin_cancer.IsicSkinCancer,
+    'synthetic_lesions': synthetic_lesions.SyntheticLesions,
 }
-
-
-METADATA_FEATURES = ('age', 'sex', 'site')
-
-
-def lesion_features(class_names: tuple[str, ...], image_size: int,
-                    metadata: bool = False) -> tfds.features.FeaturesDict:
-  """The feature spec shared by every builder of this package."""
-  features = {
-      'image': tfds.features.Image(shape=(image_size, image_size, 3), encoding_format='png'),
-      'label': tfds.features.ClassLabel(names=list(class_names)),
-      'file_name': tfds.features.Text(),
-      'group_id': tfds.features.Text(),
-  }
-  if metadata:
-    features.update(age=tfds.features.Scalar(dtype=np.float32), sex=tfds.features.Text(),
-                    site=tfds.features.Text())
-  return tfds.features.FeaturesDict(features)

@@ -14,7 +14,9 @@ and training carves one from `train` by lesion (see input_pipeline).
 from etils import epath
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -25,7 +27,7 @@ TEST_GROUND_TRUTH = 'ISIC2018_Task3_Test_GroundTruth.csv'
 COLUMNS = ('lesion_id', 'image_id', 'dx', 'dx_type', 'age', 'sex', 'localization')
 
 
-class Ham10000(image_folders.FolderBuilder):
+class Ham10000(preparation.FolderBuilder):
   """HAM10000: 10,015 dermoscopic images of 7 diagnoses, with lesion ids and patient metadata."""
 
   HOMEPAGE = 'https://doi.org/10.7910/DVN/DBW86T'
@@ -47,7 +49,7 @@ Optional, for a Test split, the ISIC 2018 Task 3 test set (challenge.isic-archiv
   def _class_names(self) -> tuple[str, ...]:
     return vocabulary.common_classes(vocabulary.HAM10000.values())
 
-  def _scan(self, dl_manager: tfds.download.DownloadManager) -> image_folders.FolderTree:
+  def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
     metadata_csv = tables.find(tables.manual_dir(dl_manager), METADATA_CSV, help_text)
     root = metadata_csv.parent
@@ -55,9 +57,9 @@ Optional, for a Test split, the ISIC 2018 Task 3 test set (challenge.isic-archiv
     images, skipped = tables.index_images(folders, root)
     rows, malformed = tables.read_csv(metadata_csv, COLUMNS)
 
-    def record(row: tables.Row, path: epath.Path, file_name: str) -> image_folders.ImageRecord:
+    def record(row: tables.Row, path: epath.Path, file_name: str) -> folder_layout.ImageRecord:
       values = row.values
-      return image_folders.ImageRecord(
+      return folder_layout.ImageRecord(
           path, file_name, tables.label(values['dx'], vocabulary.HAM10000),
           group_id=values['lesion_id'],
           metadata=tables.metadata(values['age'], values['sex'], values['localization'],
@@ -69,10 +71,10 @@ Optional, for a Test split, the ISIC 2018 Task 3 test set (challenge.isic-archiv
     test = self._scan_test(root, help_text, skipped)
     if test:
       splits['test'] = tuple(test)
-    return image_folders.FolderTree(root, self._class_names(), splits, tuple(skipped))
+    return folder_layout.FolderTree(root, self._class_names(), splits, tuple(skipped))
 
   def _scan_test(self, root: epath.Path, help_text: str,
-                 skipped: list[image_folders.Skipped]) -> list[image_folders.ImageRecord]:
+                 skipped: list[folder_layout.Skipped]) -> list[folder_layout.ImageRecord]:
     """The ISIC 2018 Task 3 test set, if both its parts are there."""
     folder = tables.find(root, TEST_IMAGES, help_text, want_dir=True, required=False)
     ground_truth = tables.find(root, TEST_GROUND_TRUTH, help_text, required=False)
@@ -80,15 +82,15 @@ Optional, for a Test split, the ISIC 2018 Task 3 test set (challenge.isic-archiv
       return []
     if folder is None or ground_truth is None:
       missing = TEST_IMAGES + '/' if folder is None else TEST_GROUND_TRUTH
-      raise image_folders.DatasetLayoutError(
+      raise errors.DatasetLayoutError(
           f'{root} has half of the ISIC 2018 Task 3 test set: {missing} is missing. Add it for a '
           f'Test split, or remove the other part to carve Test from HAM10000.\n{help_text}')
     images, test_skipped = tables.index_images([folder], root)
     columns = {dx.upper(): name for dx, name in vocabulary.HAM10000.items()}
     rows, malformed = tables.read_csv(ground_truth, ('image', *columns))
 
-    def record(row: tables.Row, path: epath.Path, file_name: str) -> image_folders.ImageRecord:
-      return image_folders.ImageRecord(path, file_name, tables.one_hot(row, columns), group_id='',
+    def record(row: tables.Row, path: epath.Path, file_name: str) -> folder_layout.ImageRecord:
+      return folder_layout.ImageRecord(path, file_name, tables.one_hot(row, columns), group_id='',
                                        metadata=tables.MISSING_METADATA)
 
     test, unmatched = tables.match_rows(rows, 'image', images, TEST_GROUND_TRUTH, record)

@@ -15,7 +15,8 @@ from it by lesion (see input_pipeline).
 from etils import epath
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -25,7 +26,7 @@ METADATA_CSV = 'ISIC_2019_Training_Metadata.csv'
 METADATA_COLUMNS = ('image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex')
 
 
-class Isic2019(image_folders.FolderBuilder):
+class Isic2019(preparation.FolderBuilder):
   """ISIC 2019 training set: 25,331 dermoscopic images of 8 diagnoses, with lesion ids and metadata."""
 
   HOMEPAGE = 'https://challenge.isic-archive.com/data/#2019'
@@ -45,7 +46,7 @@ gs://) as the manual_dir:
   def _class_names(self) -> tuple[str, ...]:
     return vocabulary.common_classes(vocabulary.ISIC2019.values())
 
-  def _scan(self, dl_manager: tfds.download.DownloadManager) -> image_folders.FolderTree:
+  def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
     ground_truth = tables.find(tables.manual_dir(dl_manager), GROUND_TRUTH_CSV, help_text)
     root = ground_truth.parent
@@ -58,19 +59,19 @@ gs://) as the manual_dir:
     for row in metadata_rows:
       metadata.setdefault(tables.image_key(row.values['image']), row)
 
-    def record(row: tables.Row, path: epath.Path, file_name: str) -> image_folders.ImageRecord:
+    def record(row: tables.Row, path: epath.Path, file_name: str) -> folder_layout.ImageRecord:
       label = tables.one_hot(row, vocabulary.ISIC2019)
       meta = metadata.get(tables.image_key(row.values['image']))
       if meta is None:
-        return image_folders.ImageRecord(path, file_name, label, group_id='',
+        return folder_layout.ImageRecord(path, file_name, label, group_id='',
                                          metadata=tables.MISSING_METADATA)
       values = meta.values
-      return image_folders.ImageRecord(
+      return folder_layout.ImageRecord(
           path, file_name, label, group_id=values['lesion_id'],
           metadata=tables.metadata(values['age_approx'], values['sex'],
                                    values['anatom_site_general'], source='isic2019'))
 
     train, unmatched = tables.match_rows(label_rows, 'image', images, GROUND_TRUTH_CSV, record)
     skipped += malformed + malformed_metadata + unmatched + tables.unlisted(images, GROUND_TRUTH_CSV)
-    return image_folders.FolderTree(root, self._class_names(), {'train': tuple(train)},
+    return folder_layout.FolderTree(root, self._class_names(), {'train': tuple(train)},
                                     tuple(skipped))

@@ -18,7 +18,9 @@ import collections
 from etils import epath
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -53,7 +55,7 @@ def duplicate_owners(pairs: list[tables.Row], order: list[str]) -> dict[str, str
   return owners
 
 
-class Isic2020(image_folders.FolderBuilder):
+class Isic2020(preparation.FolderBuilder):
   """SIIM-ISIC 2020 training set: 33,126 images, 1.8% melanoma, with patient ids and metadata."""
 
   HOMEPAGE = 'https://challenge.isic-archive.com/data/#2020'
@@ -79,11 +81,11 @@ the manual_dir:
       folder = root / name
       if folder.is_dir() and any(p.suffix.lower() in ('.jpg', '.jpeg') for p in folder.iterdir()):
         return folder
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{root} has no JPEG folder {" or ".join(n + "/" for n in IMAGE_FOLDERS)} (DICOM files '
         f'are not read).\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
 
-  def _scan(self, dl_manager: tfds.download.DownloadManager) -> image_folders.FolderTree:
+  def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
     train_csv = tables.find(tables.manual_dir(dl_manager), TRAIN_CSV, help_text)
     root = train_csv.parent
@@ -92,7 +94,7 @@ the manual_dir:
     duplicates_csv = tables.find(root, DUPLICATES_CSV, help_text, depth=1, required=False)
     owners = {}
     if duplicates_csv is None:
-      skipped.append(image_folders.Skipped(
+      skipped.append(folder_layout.Skipped(
           DUPLICATES_CSV, 'not found: duplicate images are kept, grouped by patient only'))
     else:
       pairs, malformed_pairs = tables.read_csv(duplicates_csv, ('image_name_1', 'image_name_2'))
@@ -101,7 +103,7 @@ the manual_dir:
       owners = duplicate_owners(pairs, present)
       skipped += malformed_pairs
 
-    def record(row: tables.Row, path: epath.Path, file_name: str) -> image_folders.ImageRecord:
+    def record(row: tables.Row, path: epath.Path, file_name: str) -> folder_layout.ImageRecord:
       values = row.values
       name = tables.image_key(values['image_name'])
       if owners.get(name, name) != name:
@@ -112,12 +114,12 @@ the manual_dir:
       if (values['target'] == '1') != (label == vocabulary.MELANOMA):
         raise tables.SkipRow(f'diagnosis {values["diagnosis"]!r} disagrees with target '
                              f'{values["target"]}')
-      return image_folders.ImageRecord(
+      return folder_layout.ImageRecord(
           path, file_name, label, group_id=values['patient_id'],
           metadata=tables.metadata(values['age_approx'], values['sex'],
                                    values['anatom_site_general_challenge'], source='isic2020'))
 
     train, unmatched = tables.match_rows(rows, 'image_name', images, TRAIN_CSV, record)
     skipped += malformed + unmatched + tables.unlisted(images, TRAIN_CSV)
-    return image_folders.FolderTree(root, self._class_names(), {'train': tuple(train)},
+    return folder_layout.FolderTree(root, self._class_names(), {'train': tuple(train)},
                                     tuple(skipped))

@@ -5,19 +5,21 @@
         download_config=tfds.download.DownloadConfig(manual_dir=ARCHIVE_DIR))
 
 Another stored size or a groups CSV is another config, named to tell it apart:
-`config=image_folders.FolderConfig(name='224px_lesions', image_size=224, groups_csv=CSV)`.
+`config=preparation.FolderConfig(name='224px_lesions', image_size=224, groups_csv=CSV)`.
 """
 
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import ISIC_CLASSES
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors
+from melanoma_jax.datasets.features import ISIC_CLASSES
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import preparation
 
 ARCHIVE_NAME = 'Skin cancer ISIC The International Skin Imaging Collaboration'
 SPLITS = ('train', 'test')  # From the archive's Train/ and Test/ folders.
 
 
-class IsicSkinCancer(image_folders.FolderBuilder):
+class IsicSkinCancer(preparation.FolderBuilder):
   """Dermoscopic images of 9 skin-lesion classes (ISIC), Train/ and Test/ folders as shipped."""
 
   HOMEPAGE = 'https://www.isic-archive.com'
@@ -30,17 +32,17 @@ Extract it and give its location as the manual_dir:
 manual_dir may be the archive folder itself (the one holding Train/ and Test/)
 or the folder that contains it, on local disk or a remote file system
 (gs://bucket/...). Expected layout:
-{image_folders.layout_diagram(ARCHIVE_NAME, ('Train', 'Test'), ISIC_CLASSES)}
+{folder_layout.layout_diagram(ARCHIVE_NAME, ('Train', 'Test'), ISIC_CLASSES)}
 """
 
   def _class_names(self) -> tuple[str, ...]:
     return ISIC_CLASSES
 
-  def _scan(self, dl_manager: tfds.download.DownloadManager) -> image_folders.FolderTree:
+  def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     try:
       manual_dir = dl_manager.manual_dir
     except AssertionError as error:  # How TFDS reports a missing or empty manual_dir.
-      raise image_folders.DatasetLayoutError(str(error)) from error
-    return image_folders.scan_tree(
-        image_folders.find_root(manual_dir, SPLITS), splits=SPLITS,
+      raise errors.DatasetLayoutError(str(error)) from error
+    return folder_layout.scan_tree(
+        folder_layout.find_root(manual_dir, SPLITS), splits=SPLITS,
         class_names=ISIC_CLASSES, help_text=self.MANUAL_DOWNLOAD_INSTRUCTIONS)

@@ -24,9 +24,9 @@ import PIL.Image
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import ISIC_CLASSES
-from melanoma_jax.datasets import ISIC_TRAIN_COUNTS
-from melanoma_jax.datasets import lesion_features
+from melanoma_jax.datasets.features import ISIC_CLASSES
+from melanoma_jax.datasets.features import ISIC_TRAIN_COUNTS
+from melanoma_jax.datasets.features import lesion_features
 
 # The one knob for how hard the task is: the largest weight with which an image
 # takes on its look-alike class's profile (0 keeps the classes apart, 0.5 makes

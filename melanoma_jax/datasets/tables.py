@@ -3,9 +3,9 @@
 Those datasets ship their labels, lesion or patient ids and patient metadata
 in a CSV next to folders of `<image id>.jpg`. This module finds the files,
 reads the CSV with clear errors for a file that is not the expected one, and
-turns rows into `image_folders.ImageRecord`s, listing every row or file it
+turns rows into `folder_layout.ImageRecord`s, listing every row or file it
 leaves out (image missing, unknown label, malformed row, file not in the CSV)
-as `image_folders.Skipped`, so the preparation report accounts for all.
+as `folder_layout.Skipped`, so the preparation report accounts for all.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,7 +16,9 @@ import io
 from etils import epath
 import tensorflow_datasets as tfds
 
-from melanoma_jax.datasets import image_folders
+from melanoma_jax import errors
+from melanoma_jax.datasets import folder_layout
+from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import vocabulary
 
 DOWNSAMPLED_SUFFIX = '_downsampled'  # Some ISIC 2019 file names end in it.
@@ -38,12 +40,12 @@ def manual_dir(dl_manager: tfds.download.DownloadManager) -> epath.Path:
   try:
     return dl_manager.manual_dir
   except AssertionError as error:  # How TFDS reports a missing or empty manual_dir.
-    raise image_folders.DatasetLayoutError(str(error)) from error
+    raise errors.DatasetLayoutError(str(error)) from error
 
 
 def _search(folder: epath.Path, name: str, depth: int, want_dir: bool) -> list[epath.Path]:
   found = []
-  for entry in image_folders._visible(folder):  # pylint: disable=protected-access
+  for entry in folder_layout._visible(folder):  # pylint: disable=protected-access
     if entry.name.lower() == name.lower() and entry.is_dir() == want_dir:
       found.append(entry)
     elif depth > 0 and entry.is_dir():
@@ -58,51 +60,51 @@ def find(folder: epath.PathLike, name: str, help_text: str, *, want_dir: bool = 
   Names match in any case, the exact case first: Kaggle's HAM10000 holds
   each image folder twice, once in lower case.
   """
-  folder = image_folders.absolute_path(folder)
+  folder = folder_layout.absolute_path(folder)
   if not folder.is_dir():
-    raise image_folders.DatasetLayoutError(f'Dataset folder {folder} does not exist.\n{help_text}')
+    raise errors.DatasetLayoutError(f'Dataset folder {folder} does not exist.\n{help_text}')
   found = _search(folder, name, depth, want_dir)
   exact = [p for p in found if p.name == name]
   found = exact or found
   if len({str(p.parent) for p in found}) > 1:
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{folder} holds several {name}: {[str(p) for p in found]}; point at the dataset to use.')
   if not found:
     if not required:
       return None
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{folder} has no {name} (searched {depth} folder levels down).\n{help_text}')
   return found[0]
 
 
 def image_key(name: str) -> str:
   """Matches an image id in a CSV to a file: no folder, extension or `_downsampled`."""
-  return image_folders.group_key(name).rsplit('/', 1)[-1].removesuffix(DOWNSAMPLED_SUFFIX)
+  return groups_csv.group_key(name).rsplit('/', 1)[-1].removesuffix(DOWNSAMPLED_SUFFIX)
 
 
 def index_images(folders: Iterable[epath.Path], root: epath.Path
-                 ) -> tuple[dict[str, tuple[epath.Path, str]], list[image_folders.Skipped]]:
+                 ) -> tuple[dict[str, tuple[epath.Path, str]], list[folder_layout.Skipped]]:
   """Image files under `folders` (any depth) by `image_key`: (path, name relative to root)."""
   images, skipped = {}, []
   pending = list(folders)
   while pending:
     folder = pending.pop(0)
-    for entry in image_folders._visible(folder):  # pylint: disable=protected-access
+    for entry in folder_layout._visible(folder):  # pylint: disable=protected-access
       file_name = entry.relative_to(root).as_posix()
       if entry.is_dir():
         pending.append(entry)
-      elif entry.suffix.lower() not in image_folders.IMAGE_EXTENSIONS:
-        skipped.append(image_folders.Skipped(file_name, f'unsupported extension {entry.suffix!r}'))
+      elif entry.suffix.lower() not in folder_layout.IMAGE_EXTENSIONS:
+        skipped.append(folder_layout.Skipped(file_name, f'unsupported extension {entry.suffix!r}'))
       elif image_key(entry.name) in images:
         other = images[image_key(entry.name)][1]
-        skipped.append(image_folders.Skipped(file_name, f'same image id as {other}'))
+        skipped.append(folder_layout.Skipped(file_name, f'same image id as {other}'))
       else:
         images[image_key(entry.name)] = (entry, file_name)
   return images, skipped
 
 
 def read_csv(path: epath.Path, required: Sequence[str]
-             ) -> tuple[list[Row], list[image_folders.Skipped]]:
+             ) -> tuple[list[Row], list[folder_layout.Skipped]]:
   """Data rows of a CSV that must have the `required` columns.
 
   Rows with more or fewer fields than the header are listed as skipped;
@@ -111,16 +113,16 @@ def read_csv(path: epath.Path, required: Sequence[str]
   try:
     text = path.read_bytes().decode('utf-8-sig')
   except UnicodeDecodeError as error:
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{path} is not a UTF-8 CSV file ({error}); use the file as published.') from None
   reader = csv.DictReader(io.StringIO(text, newline=''), restkey=None, restval=None)
   try:
     columns = [c.strip() for c in reader.fieldnames or []]
   except csv.Error as error:
-    raise image_folders.DatasetLayoutError(f'{path} is not a CSV file: {error}.') from None
+    raise errors.DatasetLayoutError(f'{path} is not a CSV file: {error}.') from None
   missing = [c for c in required if c not in columns]
   if missing:
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{path} lacks the column(s) {missing}; it has {columns}. Use the file as published '
         f'(columns {list(required)}).')
   reader.fieldnames = columns
@@ -132,15 +134,15 @@ def read_csv(path: epath.Path, required: Sequence[str]
       extra = values.pop(None, None) or []  # Fields beyond the header's.
       present = sum(v is not None for v in values.values())  # Short rows get None.
       if extra or present < len(columns):
-        skipped.append(image_folders.Skipped(
+        skipped.append(folder_layout.Skipped(
             where, f'malformed row: {present + len(extra)} fields, the header has {len(columns)}'))
         continue
       rows.append(Row(line, {k: v.strip() for k, v in values.items()}))
   except csv.Error as error:
-    raise image_folders.DatasetLayoutError(
+    raise errors.DatasetLayoutError(
         f'{path} line {reader.line_num} is not valid CSV: {error}.') from None
   if not rows:
-    raise image_folders.DatasetLayoutError(f'{path} has no usable data rows.')
+    raise errors.DatasetLayoutError(f'{path} has no usable data rows.')
   return rows, skipped
 
 
@@ -188,8 +190,8 @@ MISSING_METADATA = {'age': vocabulary.MISSING_AGE, 'sex': '', 'site': ''}
 
 
 def match_rows(rows: Iterable[Row], image_column: str, images: dict[str, tuple[epath.Path, str]],
-               csv_name: str, make_record: Callable[[Row, epath.Path, str], image_folders.ImageRecord]
-               ) -> tuple[list[image_folders.ImageRecord], list[image_folders.Skipped]]:
+               csv_name: str, make_record: Callable[[Row, epath.Path, str], folder_layout.ImageRecord]
+               ) -> tuple[list[folder_layout.ImageRecord], list[folder_layout.Skipped]]:
   """Records of the rows whose image is in `images`, which loses the matched ones.
 
   Rows without an image, repeated rows and rows `make_record` rejects
@@ -201,23 +203,23 @@ def match_rows(rows: Iterable[Row], image_column: str, images: dict[str, tuple[e
     where = f'{csv_name} line {row.line} ({name})'
     key = image_key(name)
     if not key:
-      skipped.append(image_folders.Skipped(where, 'no image id'))
+      skipped.append(folder_layout.Skipped(where, 'no image id'))
     elif key in seen:
-      skipped.append(image_folders.Skipped(where, 'image listed again'))
+      skipped.append(folder_layout.Skipped(where, 'image listed again'))
     elif key not in images:
-      skipped.append(image_folders.Skipped(where, 'image file not found'))
+      skipped.append(folder_layout.Skipped(where, 'image file not found'))
     else:
       seen.add(key)
       path, file_name = images.pop(key)
       try:
         records.append(make_record(row, path, file_name))
       except SkipRow as error:
-        skipped.append(image_folders.Skipped(file_name, f'{csv_name} line {row.line}: {error}'))
+        skipped.append(folder_layout.Skipped(file_name, f'{csv_name} line {row.line}: {error}'))
   return records, skipped
 
 
 def unlisted(images: Mapping[str, tuple[epath.Path, str]], csv_name: str
-             ) -> list[image_folders.Skipped]:
+             ) -> list[folder_layout.Skipped]:
   """The image files no CSV row named."""
-  return [image_folders.Skipped(file_name, f'not listed in {csv_name}')
+  return [folder_layout.Skipped(file_name, f'not listed in {csv_name}')
           for _, file_name in sorted(images.values(), key=lambda x: x[1])]

@@ -1,4 +1,4 @@
-"""Evaluation a dermatologist can trust: predictions, clinical metrics, operating point.
+"""The clinical report of a model on a split: predictions, figures, operating point, files.
 
 Accuracy alone hides what matters for a melanoma alert: how many melanomas
 are missed, at what false-alarm rate, and whether the probabilities mean
@@ -8,8 +8,8 @@ validation for a target sensitivity, never on the split being reported.
 
 Predictions are gathered whole, every example exactly once (device padding
 dropped by mask, host shares reassembled in dataset order), and every metric
-is computed in numpy from them, so figures do not depend on how many devices
-or hosts ran the model. Undefined values (0/0, a class absent from the labels)
+is computed from them in numpy (`metrics`), so figures do not depend on how
+many devices or hosts ran the model. Undefined values (0/0, a class absent from the labels)
 are NaN here and null in JSON.
 """
 
@@ -29,12 +29,6 @@ from jax.experimental import multihost_utils
 from melanoma_jax import (calibration, datasets, input_pipeline, intervals, metrics as metrics_lib, plots,
                           run_files, steps, subgroups)
 
-NUM_CALIBRATION_BINS = 15
-CALIBRATION_BINNING = (
-    f'{NUM_CALIBRATION_BINS} equal-width bins of the probability over [0, 1], each closed on the '
-    'right (the first also on the left); ECE = sum over bins of (examples in bin / N) * '
-    '|observed frequency - mean probability|. Overall ECE bins the top-class probability '
-    '(outcome: prediction correct); melanoma ECE bins p(melanoma) (outcome: is melanoma).')
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
 PREDICTIONS_CSV = 'predictions.csv'
@@ -61,7 +55,7 @@ class Predictions:
     return metrics_lib.summarize({
         'loss': (np.sum(self.losses, dtype=np.float64), count),
         'accuracy': (np.sum(predicted == self.labels), count),
-        'confusion': (confusion_matrix(self.labels, predicted, self.probs.shape[-1]), count),
+        'confusion': (metrics_lib.confusion_matrix(self.labels, predicted, self.probs.shape[-1]), count),
     }, prefix)
 
 
@@ -100,126 +94,6 @@ def gather_in_order(local: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]
   return {k: v[keep] for k, v in ordered.items()}
 
 
-def _ratio(numerator: Any, denominator: Any) -> np.ndarray:
-  """numerator / denominator, NaN where the denominator is 0."""
-  numerator, denominator = np.broadcast_arrays(np.asarray(numerator, np.float64),
-                                               np.asarray(denominator, np.float64))
-  return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan),
-                   where=denominator > 0)
-
-
-def _nanmean(values: np.ndarray) -> float:
-  """Mean of the defined values; NaN (no warning) when none is."""
-  values = np.asarray(values, np.float64)
-  return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else math.nan
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-  """Counts [true class, predicted class]."""
-  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predicted, np.int64)
-  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
-  """One-vs-rest support, precision, recall (sensitivity), specificity and F1 per class.
-
-  F1 is 2 TP / (2 TP + FP + FN), so a class absent from the labels but
-  predicted scores 0, and one neither present nor predicted is undefined
-  (as scikit-learn with zero_division=NaN).
-  """
-  tp = np.diag(confusion).astype(np.float64)
-  fp = confusion.sum(axis=0) - tp
-  fn = confusion.sum(axis=1) - tp
-  tn = confusion.sum() - tp - fp - fn
-  return {
-      'support': confusion.sum(axis=1),
-      'precision': _ratio(tp, tp + fp),
-      'recall': _ratio(tp, tp + fn),
-      'specificity': _ratio(tn, tn + fp),
-      'f1': _ratio(2 * tp, 2 * tp + fp + fn),
-  }
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-  """Area under the ROC curve (Mann-Whitney U), ties counting one half; NaN without both classes."""
-  positive = np.asarray(positive, bool)
-  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-  if not n_pos or not n_neg:
-    return math.nan
-  _, inverse, counts = np.unique(np.asarray(scores), return_inverse=True, return_counts=True)
-  ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # Tied scores share their mean rank.
-  return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(false positive rate, true positive rate, threshold) at every distinct score, alerting at >=.
-
-  The first point is (0, 0) at threshold +inf, as scikit-learn's
-  `roc_curve(drop_intermediate=False)`.
-  """
-  scores, positive = np.asarray(scores), np.asarray(positive, bool)
-  order = np.argsort(-scores, kind='stable')
-  scores, positive = scores[order], positive[order]
-  last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # Last of each tied group.
-  tps = np.cumsum(positive)[last]
-  fps = last + 1 - tps
-  return (np.r_[0.0, _ratio(fps, fps[-1])], np.r_[0.0, _ratio(tps, tps[-1])],
-          np.r_[np.inf, scores[last]])
-
-
-def binary_at_threshold(p_positive: np.ndarray, positive: np.ndarray,
-                        threshold: float) -> dict[str, Any]:
-  """Alert counts and rates when alerting at p >= threshold."""
-  alert = np.asarray(p_positive) >= threshold
-  positive = np.asarray(positive, bool)
-  tp, fn = int(np.sum(alert & positive)), int(np.sum(~alert & positive))
-  fp, tn = int(np.sum(alert & ~positive)), int(np.sum(~alert & ~positive))
-  return {
-      'sensitivity': float(_ratio(tp, tp + fn)),
-      'specificity': float(_ratio(tn, tn + fp)),
-      'ppv': float(_ratio(tp, tp + fp)),
-      'npv': float(_ratio(tn, tn + fn)),
-      'true_positives': tp, 'false_negatives': fn, 'false_positives': fp, 'true_negatives': tn,
-  }
-
-
-def reliability(probability: np.ndarray, outcome: np.ndarray,
-                num_bins: int = NUM_CALIBRATION_BINS) -> dict[str, np.ndarray]:
-  """Per bin (see CALIBRATION_BINNING): count, mean probability, observed frequency (NaN if empty)."""
-  probability = np.asarray(probability, np.float64)
-  bins = np.searchsorted(np.linspace(0.0, 1.0, num_bins + 1)[1:-1], probability, side='left')
-  count = np.bincount(bins, minlength=num_bins)
-  return {
-      'count': count,
-      'mean_probability': _ratio(np.bincount(bins, probability, num_bins), count),
-      'frequency': _ratio(np.bincount(bins, np.asarray(outcome, np.float64), num_bins), count),
-  }
-
-
-def expected_calibration_error(probability: np.ndarray, outcome: np.ndarray,
-                               num_bins: int = NUM_CALIBRATION_BINS) -> float:
-  """Count-weighted mean |frequency - mean probability| over the bins of CALIBRATION_BINNING."""
-  bins = reliability(probability, outcome, num_bins)
-  gaps = np.abs(bins['frequency'] - bins['mean_probability'])
-  return float(np.sum(np.where(bins['count'] > 0, gaps * bins['count'], 0.0)) / len(probability))
-
-
-def choose_threshold(p_melanoma: np.ndarray, is_melanoma: np.ndarray,
-                     target_sensitivity: float) -> float:
-  """The highest threshold on p(melanoma) whose sensitivity here is >= the target.
-
-  The highest, because raising the threshold never lowers specificity: of
-  the thresholds that miss few enough melanomas, it raises fewest false
-  alarms. Alerts are p >= threshold. Choose it on validation, not Test.
-  """
-  if not 0 < target_sensitivity <= 1:
-    raise ValueError(f'target_sensitivity={target_sensitivity} must be in (0, 1].')
-  scores = np.sort(np.asarray(p_melanoma)[np.asarray(is_melanoma, bool)])[::-1]
-  if not len(scores):
-    raise ValueError('No melanoma among the examples: cannot choose a threshold for a sensitivity.')
-  # Melanomas that must alert; the tolerance keeps 0.9 * 30 from rounding up to 28.
-  needed = max(1, math.ceil(target_sensitivity * len(scores) - 1e-9))
-  return float(scores[needed - 1])
 
 
 def melanoma_index(class_names: Sequence[str]) -> int | None:
@@ -251,17 +125,18 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
   """
   probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
   predicted = np.argmax(probs, axis=-1)
-  confusion = confusion_matrix(labels, predicted, len(class_names))
-  per_class = per_class_metrics(confusion)
-  auc = np.array([roc_auc(probs[:, c], labels == c) for c in range(len(class_names))])
+  confusion = metrics_lib.confusion_matrix(labels, predicted, len(class_names))
+  per_class = metrics_lib.per_class_metrics(confusion)
+  auc = np.array([metrics_lib.roc_auc(probs[:, c], labels == c) for c in range(len(class_names))])
   result = {
       'num_examples': len(labels),
-      'accuracy': float(_ratio(np.trace(confusion), confusion.sum())),
-      'balanced_accuracy': _nanmean(per_class['recall']),
-      'macro_f1': _nanmean(per_class['f1']),
-      'macro_roc_auc': _nanmean(auc),
-      'expected_calibration_error': expected_calibration_error(probs.max(axis=-1), predicted == labels),
-      'reliability': reliability(probs.max(axis=-1), predicted == labels),
+      'accuracy': float(metrics_lib.ratio(np.trace(confusion), confusion.sum())),
+      'balanced_accuracy': metrics_lib.nanmean(per_class['recall']),
+      'macro_f1': metrics_lib.nanmean(per_class['f1']),
+      'macro_roc_auc': metrics_lib.nanmean(auc),
+      'expected_calibration_error': metrics_lib.expected_calibration_error(probs.max(axis=-1),
+                                                                           predicted == labels),
+      'reliability': metrics_lib.reliability(probs.max(axis=-1), predicted == labels),
       'per_class': {name: {**{k: v[c] for k, v in per_class.items()}, 'roc_auc': auc[c]}
                     for c, name in enumerate(class_names)},
       'confusion_matrix': confusion,
@@ -272,11 +147,11 @@ def report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     p, positive = probs[:, m], labels == m
     result['melanoma'] = {
         'support': int(positive.sum()),
-        'roc_auc': roc_auc(p, positive),
-        'expected_calibration_error': expected_calibration_error(p, positive),
-        'reliability': reliability(p, positive),
+        'roc_auc': metrics_lib.roc_auc(p, positive),
+        'expected_calibration_error': metrics_lib.expected_calibration_error(p, positive),
+        'reliability': metrics_lib.reliability(p, positive),
         'threshold': threshold,
-        **(binary_at_threshold(p, positive, threshold) if threshold is not None else {}),
+        **(metrics_lib.binary_at_threshold(p, positive, threshold) if threshold is not None else {}),
     }
   return _jsonable(result)
 
@@ -291,10 +166,10 @@ def calibration_effect(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarr
   if melanoma is not None:
     outcomes['melanoma'] = (lambda p: p[:, melanoma], lambda p: labels == melanoma)
   for name, (probability, outcome) in outcomes.items():
-    result[f'ece_{name}_before'] = expected_calibration_error(probability(raw), outcome(raw))
-    result[f'ece_{name}_after'] = expected_calibration_error(
+    result[f'ece_{name}_before'] = metrics_lib.expected_calibration_error(probability(raw), outcome(raw))
+    result[f'ece_{name}_after'] = metrics_lib.expected_calibration_error(
         probability(calibrated), outcome(calibrated))
-    result[f'reliability_{name}_before'] = reliability(probability(raw), outcome(raw))
+    result[f'reliability_{name}_before'] = metrics_lib.reliability(probability(raw), outcome(raw))
   return result
 
 
@@ -350,7 +225,7 @@ def evaluate_predictions(predictions: dict[str, Predictions], class_names: Seque
     probs, labels = predictions['val'].probs, predictions['val'].labels
     operating_point = {
         'class_name': datasets.MELANOMA, 'class_index': m,
-        'threshold': choose_threshold(probs[:, m], labels == m, target_sensitivity),
+        'threshold': metrics_lib.choose_threshold(probs[:, m], labels == m, target_sensitivity),
         'rule': 'alert when p(melanoma) >= threshold',
         'chosen_on': 'validation', 'target_sensitivity': target_sensitivity,
         'checkpoint': checkpoint,
@@ -361,7 +236,7 @@ def evaluate_predictions(predictions: dict[str, Predictions], class_names: Seque
       'split': split,
       'class_names': list(class_names),
       'operating_point': operating_point,
-      'calibration_binning': CALIBRATION_BINNING,
+      'calibration_binning': metrics_lib.CALIBRATION_BINNING,
       'splits': {name: intervals.add_intervals(report(p.probs, p.labels, class_names, threshold),
                                                p.probs, p.labels, class_names)
                  for name, p in predictions.items()},
@@ -383,30 +258,31 @@ _MELANOMA_ROWS = (('melanomas', 'support'), ('ROC AUC', 'roc_auc'), ('sensitivit
                   ('ECE of p(melanoma)', 'expected_calibration_error'))
 
 
-def _cell(value: Any) -> str:
+def markdown_cell(value: Any) -> str:
+  """A figure in a Markdown table: 3 decimals, with its interval if it has one; 'n/a' if undefined."""
   if isinstance(value, dict):
     return intervals.format_figure(value)
-  if value is None:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
     return 'n/a'
   return f'{value:.3f}' if isinstance(value, float) else str(value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
   return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
-          *('| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows)]
+          *('| ' + ' | '.join(markdown_cell(v) for v in row) + ' |' for row in rows)]
 
 
 def headline(full: dict[str, Any]) -> str:
   """One line of the evaluated split's key figures, for logs."""
   evaluated = full['splits'][full['split']]
   line = (f'{SPLIT_TITLES[full["split"]]}: ' + ', '.join(
-      f'{title} {_cell(evaluated[key])}' for title, key in _OVERALL_ROWS))
+      f'{title} {markdown_cell(evaluated[key])}' for title, key in _OVERALL_ROWS))
   op = full['operating_point']
   if op is not None:
     melanoma = evaluated['melanoma']
     line += (f'; melanoma alert at p >= {op["threshold"]:.4f} (validation sensitivity >= '
              f'{op["target_sensitivity"]:.2f}): ' + ', '.join(
-                 f'{title} {_cell(melanoma[key])}' for title, key in _MELANOMA_ROWS[1:5]))
+                 f'{title} {markdown_cell(melanoma[key])}' for title, key in _MELANOMA_ROWS[1:5]))
   return line
 
 
@@ -556,7 +432,7 @@ def write_reports(directory: epath.PathLike, evaluation: Evaluation) -> None:
   plots.confusion_matrices(directory / plots.CONFUSION_PNG, evaluated['confusion_matrix'],
                            full['class_names'])
   auc = {name: intervals.value(m['roc_auc']) for name, m in evaluated['per_class'].items()}
-  curves = {name: (*roc_curve(probs[:, c], labels == c)[:2], auc[name])
+  curves = {name: (*metrics_lib.roc_curve(probs[:, c], labels == c)[:2], auc[name])
             for c, name in enumerate(full['class_names']) if auc[name] is not None}
   melanoma = evaluated['melanoma']
   alert = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import calibration, metrics as sk
 
-from melanoma_jax import evaluation, input_pipeline, metrics as metrics_lib, steps, train
+from melanoma_jax import clinical_report, input_pipeline, metrics as metrics_lib, steps, train
 
 NUM_CLASSES = 5
 ABSENT = 2  # A class no label has.
@@ -34,9 +34,9 @@ def test_confusion_and_per_class_metrics_match_sklearn(seed, ties):
   probs, labels = _predictions(seed, ties)
   predicted = probs.argmax(axis=1)
   classes = list(range(NUM_CLASSES))
-  confusion = evaluation.confusion_matrix(labels, predicted, NUM_CLASSES)
+  confusion = metrics_lib.confusion_matrix(labels, predicted, NUM_CLASSES)
   np.testing.assert_array_equal(confusion, sk.confusion_matrix(labels, predicted, labels=classes))
-  ours = evaluation.per_class_metrics(confusion)
+  ours = metrics_lib.per_class_metrics(confusion)
   precision, recall, f1, support = sk.precision_recall_fscore_support(
       labels, predicted, labels=classes, zero_division=np.nan)
   for name, expected in (('precision', precision), ('recall', recall), ('f1', f1), ('support', support)):
@@ -45,7 +45,7 @@ def test_confusion_and_per_class_metrics_match_sklearn(seed, ties):
   np.testing.assert_allclose(ours['specificity'], specificity)
   assert np.isnan(ours['recall'][ABSENT])
 
-  report = evaluation.report(probs, labels, [f'c{c}' for c in classes])
+  report = clinical_report.report(probs, labels, [f'c{c}' for c in classes])
   assert report['accuracy'] == pytest.approx(sk.accuracy_score(labels, predicted))
   assert report['balanced_accuracy'] == pytest.approx(sk.balanced_accuracy_score(labels, predicted))
   assert report['macro_f1'] == pytest.approx(
@@ -57,7 +57,7 @@ def test_confusion_and_per_class_metrics_match_sklearn(seed, ties):
 @CASES
 def test_roc_auc_and_curve_match_sklearn(seed, ties):
   probs, labels = _predictions(seed, ties)
-  report = evaluation.report(probs, labels, [f'c{c}' for c in range(NUM_CLASSES)])
+  report = clinical_report.report(probs, labels, [f'c{c}' for c in range(NUM_CLASSES)])
   expected = []
   for c in range(NUM_CLASSES):
     ours = report['per_class'][f'c{c}']['roc_auc']
@@ -66,7 +66,7 @@ def test_roc_auc_and_curve_match_sklearn(seed, ties):
       continue
     expected.append(sk.roc_auc_score(labels == c, probs[:, c]))
     assert ours == pytest.approx(expected[-1], abs=1e-12)
-    fpr, tpr, thresholds = evaluation.roc_curve(probs[:, c], labels == c)
+    fpr, tpr, thresholds = metrics_lib.roc_curve(probs[:, c], labels == c)
     sk_fpr, sk_tpr, sk_thresholds = sk.roc_curve(labels == c, probs[:, c], drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
@@ -79,7 +79,7 @@ def test_melanoma_vs_rest_at_a_threshold_matches_sklearn(seed, ties):
   probs, labels = _predictions(seed, ties)
   names = ['a', 'b', 'c', 'melanoma', 'e']
   threshold = float(np.quantile(probs[:, 3], 0.6))  # A value the scores take: ties at it alert.
-  melanoma = evaluation.report(probs, labels, names, threshold)['melanoma']
+  melanoma = clinical_report.report(probs, labels, names, threshold)['melanoma']
   positive, alert = labels == 3, probs[:, 3] >= threshold
   tn, fp, fn, tp = sk.confusion_matrix(positive, alert).ravel()
   assert (melanoma['true_positives'], melanoma['false_negatives'], melanoma['false_positives'],
@@ -109,14 +109,14 @@ def test_calibration_matches_sklearn_and_the_definition(seed, ties):
   probs, labels = _predictions(seed, ties)
   for probability, outcome in ((probs.max(axis=1), probs.argmax(axis=1) == labels),
                                (probs[:, 1], labels == 1)):
-    bins = evaluation.reliability(probability, outcome)
+    bins = metrics_lib.reliability(probability, outcome)
     filled = bins['count'] > 0
     sk_frequency, sk_mean = calibration.calibration_curve(
-        outcome, probability, n_bins=evaluation.NUM_CALIBRATION_BINS, strategy='uniform')
+        outcome, probability, n_bins=metrics_lib.NUM_CALIBRATION_BINS, strategy='uniform')
     np.testing.assert_allclose(bins['frequency'][filled], sk_frequency)
     np.testing.assert_allclose(bins['mean_probability'][filled], sk_mean)
-    assert evaluation.expected_calibration_error(probability, outcome) == pytest.approx(
-        _reference_ece(probability, outcome, evaluation.NUM_CALIBRATION_BINS))
+    assert metrics_lib.expected_calibration_error(probability, outcome) == pytest.approx(
+        _reference_ece(probability, outcome, metrics_lib.NUM_CALIBRATION_BINS))
 
 
 @pytest.mark.parametrize('target', [0.5, 0.9, 0.95, 1.0])
@@ -124,7 +124,7 @@ def test_calibration_matches_sklearn_and_the_definition(seed, ties):
 def test_threshold_reaches_the_target_sensitivity_with_fewest_alerts(seed, ties, target):
   probs, labels = _predictions(seed, ties)
   p, positive = probs[:, 3], labels == 3
-  threshold = evaluation.choose_threshold(p, positive, target)
+  threshold = metrics_lib.choose_threshold(p, positive, target)
   assert np.mean(p[positive] >= threshold) >= target
   higher = p[p > threshold]
   if len(higher):  # The next threshold up misses the target: none alerts less.
@@ -133,16 +133,16 @@ def test_threshold_reaches_the_target_sensitivity_with_fewest_alerts(seed, ties,
 
 def test_threshold_needs_melanomas_and_a_sensible_target():
   with pytest.raises(ValueError, match='No melanoma'):
-    evaluation.choose_threshold(np.array([0.2, 0.7]), np.array([False, False]), 0.9)
+    metrics_lib.choose_threshold(np.array([0.2, 0.7]), np.array([False, False]), 0.9)
   with pytest.raises(ValueError, match='target_sensitivity'):
-    evaluation.choose_threshold(np.array([0.2, 0.7]), np.array([True, False]), 0.0)
+    metrics_lib.choose_threshold(np.array([0.2, 0.7]), np.array([True, False]), 0.0)
 
 
 def test_binary_task_reports_the_melanoma_column_and_is_strict_json():
   probs, labels = _predictions(3, False)
   p = probs[:, :2] / probs[:, :2].sum(axis=1, keepdims=True)
   binary = (labels == 1).astype(int)
-  report = evaluation.report(p, binary, ('other', 'melanoma'), threshold=0.5)
+  report = clinical_report.report(p, binary, ('other', 'melanoma'), threshold=0.5)
   assert report['melanoma']['roc_auc'] == pytest.approx(sk.roc_auc_score(binary, p[:, 1]))
   assert report['melanoma']['sensitivity'] == pytest.approx(sk.recall_score(binary, p[:, 1] >= 0.5))
   json.dumps(report, allow_nan=False)
@@ -166,7 +166,7 @@ def model_and_examples(tiny_config):
 
 def test_gathering_over_devices_counts_each_example_once(model_and_examples):
   state, examples = model_and_examples
-  gathered = evaluation.gather_predictions(state, examples, BATCH)
+  gathered = clinical_report.gather_predictions(state, examples, BATCH)
   probs, labels = gathered.probs, gathered.labels
   # One device, in the per-device batch of 2, so the arithmetic is the same to the bit.
   padded = {'image': np.concatenate([examples.images, examples.images[:1]]),
@@ -179,13 +179,13 @@ def test_gathering_over_devices_counts_each_example_once(model_and_examples):
   np.testing.assert_array_equal(gathered.losses, np.concatenate([l for _, l in outputs])[:N])
   names = [f'c{c}' for c in range(8)] + ['melanoma']
   threshold = float(np.median(single[:, 8]))
-  assert (evaluation.report(probs, labels, names, threshold) ==
-          evaluation.report(single, examples.labels, names, threshold))
+  assert (clinical_report.report(probs, labels, names, threshold) ==
+          clinical_report.report(single, examples.labels, names, threshold))
 
 
 def test_gathering_over_hosts_restores_dataset_order(model_and_examples, monkeypatch):
   state, examples = model_and_examples
-  expected = evaluation.gather_predictions(state, examples, BATCH)
+  expected = clinical_report.gather_predictions(state, examples, BATCH)
   shares = {}
 
   def allgather(local):
@@ -193,12 +193,12 @@ def test_gathering_over_hosts_restores_dataset_order(model_and_examples, monkeyp
     shares[jax.process_index()] = local
     return jax.tree.map(lambda *xs: np.stack(xs), *(shares.get(p, local) for p in range(2)))
 
-  monkeypatch.setattr(evaluation.multihost_utils, 'process_allgather', allgather)
+  monkeypatch.setattr(clinical_report.multihost_utils, 'process_allgather', allgather)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   for host in (1, 0):
     monkeypatch.setattr(jax, 'process_index', lambda host=host: host)
     # Twice the batch: each host's 4 devices still get 2 examples, as above.
-    gathered = evaluation.gather_predictions(state, examples, 2 * BATCH)
+    gathered = clinical_report.gather_predictions(state, examples, 2 * BATCH)
   for field in ('probs', 'labels', 'losses'):
     np.testing.assert_array_equal(getattr(gathered, field), getattr(expected, field))
 
@@ -211,7 +211,7 @@ def test_summary_of_predictions_equals_the_eval_step_metrics(model_and_examples)
   for batch in input_pipeline.eval_batches(examples, BATCH):
     total = metrics_lib.accumulate(total, p_eval(state, batch))
   expected = metrics_lib.summarize(total, 'val')
-  summary = evaluation.gather_predictions(state, examples, BATCH).summary('val')
+  summary = clinical_report.gather_predictions(state, examples, BATCH).summary('val')
   assert summary.keys() == expected.keys()
   assert summary['val_loss'] == pytest.approx(expected['val_loss'], rel=1e-6)
   for key in expected.keys() - {'val_loss'}:
