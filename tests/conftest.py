@@ -4,8 +4,8 @@ The XLA flags are launch.py's too (`runtime.configure`), so runs in the test
 process and runs of launch.py compute the same bits.
 
 Runs that several test files read are session fixtures here, trained once per
-xdist worker; `pytest_collection_modifyitems` sends every file that uses one to
-the same worker (`--dist loadgroup`), so each is trained once per session.
+xdist worker; `pytest_xdist_make_scheduler` sends the files that read one
+(`SHARED_RUN_FILES`) to the same worker, so each is trained once per session.
 Compiled XLA programs are cached on disk for the session (one directory for
 all workers and the processes the tests start): a launch.py subprocess or a
 README command reuses what an earlier one compiled. A cached program is the
@@ -33,10 +33,10 @@ runtime.configure()
 import pytest  # noqa: E402  (after the environment is set)
 
 # Files whose tests take longest, started first so that the two workers finish together.
-SLOWEST_FIRST = ('test_readme_commands.py', 'test_fault_injection.py', 'test_resilience.py', 'test_ood.py',
-                 'test_cross_validation.py', 'test_multihost.py')
-# Session fixtures that train: every file using one runs on one worker.
-SHARED_RUNS = ('finished_run', 'one_epoch_run')
+SLOWEST_FIRST = ('test_readme_commands.py', 'test_resilience.py', 'test_fault_injection.py', 'test_finetune.py',
+                 'test_steps.py', 'test_cross_validation.py', 'test_multihost.py', 'test_ood.py')
+# Files that read one trained session run (below): each group runs on one xdist worker.
+SHARED_RUN_FILES = {'test_train.py': 'test_resilience.py', 'test_inference.py': 'test_fault_injection.py'}
 
 
 @pytest.fixture(scope='session')
@@ -72,28 +72,27 @@ def one_epoch_run(tiny_config, tmp_path_factory):
   return _trained(tiny_config, 1, tmp_path_factory.mktemp('one_epoch_run'))
 
 
-@pytest.hookimpl(tryfirst=True)  # Before xdist reads the xdist_group marks.
+def _group(path: str) -> str:
+  name = path.split('::', 1)[0].rsplit('/', 1)[-1]
+  return SHARED_RUN_FILES.get(name, name)
+
+
 def pytest_collection_modifyitems(items):
-  """One xdist group per file, files sharing a trained run joined; slowest groups first."""
-  files = {}  # file name -> the shared runs its tests use
-  for item in items:
-    files.setdefault(item.path.name, set()).update(set(SHARED_RUNS) & set(getattr(item, 'fixturenames', ())))
-  parent = {name: name for name in files}
-
-  def root(name):
-    while parent[name] != name:
-      name = parent[name]
-    return name
-
-  for run in SHARED_RUNS:
-    users = sorted(name for name, runs in files.items() if run in runs)
-    for name in users[1:]:
-      parent[root(name)] = root(users[0])
-  group = {name: root(name) for name in files}
+  """Files in the order they run: slowest groups first, each group's files together."""
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  first = {}
-  for name in files:
-    first[group[name]] = min(first.get(group[name], len(rank)), rank.get(name, len(rank)))
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(group[item.path.name]))
-  items.sort(key=lambda item: first[group[item.path.name]])  # Stable: order within a group kept.
+  items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # Stable: order in a file kept.
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadfile, with the files of `SHARED_RUN_FILES` joined to their group.
+
+  (xdist's own `--dist loadgroup` reads marks through `item._nodeid`, which
+  pytest 9 no longer has: its groups silently become single tests.)
+  """
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class LoadGroupOfFile(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return _group(nodeid)
+
+  return LoadGroupOfFile(config, log)
