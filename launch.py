@@ -10,10 +10,11 @@ are refused. Rerunning the same command on the same workdir resumes.
 
 import os
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from melanoma_jax import runtime
+from melanoma_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/balanced.py:synthetic.',
@@ -47,8 +48,7 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # pylint: disable=g-import-not-at-top
-  from melanoma_jax import (cross_validation, distributed, ensemble, errors, input_pipeline, paths,
-                            preemption, train)
+  from melanoma_jax import cross_validation, distributed, errors, paths, train
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   # Paths relative to the current directory, or with ~, become absolute here, once.
@@ -57,19 +57,10 @@ def main(argv: list[str]) -> None:
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'prepare':
-      try:
-        # TFDS removes its half-written folder when Stopped unwinds through it.
-        with preemption.stop_on_sigterm():
-          for dataset in input_pipeline.combined_sources(FLAGS.config.dataset):
-            builder = input_pipeline.prepared_builder(FLAGS.config, dataset)
-            logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
-      except preemption.Stopped:
-        logging.warning('Stopped by SIGTERM; nothing half-prepared was kept. Rerun to prepare.')
-        return
-      return
-    if not workdir:
+      _prepare(FLAGS.config)
+    elif not workdir:
       raise app.UsageError('--workdir is required to train.')
-    if FLAGS.all_folds:
+    elif FLAGS.all_folds:
       cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
     else:
       train.train_and_evaluate(FLAGS.config, workdir, start_over=FLAGS.start_over)
@@ -82,6 +73,20 @@ def main(argv: list[str]) -> None:
     errors.exit_with(message)
 
 
+def _prepare(config: ml_collections.ConfigDict) -> None:
+  """Prepares every dataset `config.dataset` names; SIGTERM stops it, and a rerun goes on."""
+  from melanoma_jax import input_pipeline, preemption  # pylint: disable=g-import-not-at-top
+  try:
+    # TFDS removes its half-written folder when Stopped unwinds through it.
+    with preemption.stop_on_sigterm():
+      for dataset in input_pipeline.combined_sources(config.dataset):
+        builder = input_pipeline.prepared_builder(config, dataset)
+        logging.info('%s is prepared in %s', builder.info.full_name, builder.data_path)
+  except preemption.Stopped:
+    logging.warning('Stopped by SIGTERM before the dataset was prepared. Rerun to prepare: '
+                    'the images decoded so far are reused.')
+
+
 if __name__ == '__main__':
   runtime.configure(reexec=True)
-  app.run(main)
+  cli.run(main)

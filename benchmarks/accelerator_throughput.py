@@ -10,32 +10,32 @@ runs are measured against the same peak, so the two dtypes compare). Needs
 JAX with the accelerator, flax, optax and ml_collections; no TensorFlow.
 """
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
+from absl import app, flags, logging
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # model name -> image size, as the README's speed table reports them.
 MODELS = {'seed_cnn': 180, 'resnet50': 224, 'efficientnet_b0': 224, 'vit_s16': 224}
 
-
-def _parse_args() -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default=','.join(MODELS), help='comma-separated names in MODELS')
-  parser.add_argument('--dtypes', default='float32,bfloat16')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--num_classes', type=int, default=9)
-  parser.add_argument('--windows', type=int, default=5)
-  parser.add_argument('--steps_per_window', type=int, default=20)
-  parser.add_argument('--peak_tflops', type=float, required=True,
-                      help="the accelerator's dense bf16 peak in TFLOP/s")
-  return parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_list('models', list(MODELS), 'Comma-separated names in MODELS.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Comma-separated compute dtypes.')
+flags.DEFINE_integer('batch_size', 32, 'Images per step.', lower_bound=1)
+flags.DEFINE_integer('num_classes', 9, 'Classes of the head.', lower_bound=1)
+flags.DEFINE_integer('windows', 5, 'Timed windows per model and dtype.', lower_bound=1)
+flags.DEFINE_integer('steps_per_window', 20, 'Steps per timed window.', lower_bound=1)
+flags.DEFINE_float('peak_tflops', None, "The accelerator's dense bf16 peak in TFLOP/s.", lower_bound=0,
+                   required=True)
 
 
-def measure(name: str, image_size: int, dtype: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(name: str, image_size: int, dtype: str, args: flags.FlagValues) -> dict[str, float]:
   """images/s, TFLOP per step and MFU of one model's bare train step."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -73,19 +73,23 @@ def measure(name: str, image_size: int, dtype: str, args: argparse.Namespace) ->
           'mfu': tflop_per_step * steps_per_s / args.peak_tflops, 'compile_s': compile_s}
 
 
-def main() -> None:
-  args = _parse_args()
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   import jax  # pylint: disable=g-import-not-at-top
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, '
         f'batch {args.batch_size}, MFU against {args.peak_tflops:g} TFLOP/s', flush=True)
   print(f'{"model":<16} {"px":>4} {"dtype":<9} {"images/s":>9} {"TFLOP/step":>10} {"MFU":>6} '
         f'{"compile s":>9}', flush=True)
-  for name in args.models.split(','):
-    for dtype in args.dtypes.split(','):
+  for name in args.models:
+    for dtype in args.dtypes:
       r = measure(name, MODELS[name], dtype, args)
       print(f'{name:<16} {MODELS[name]:>4} {dtype:<9} {r["images_per_s"]:>9.0f} '
             f'{r["tflop_per_step"]:>10.3f} {r["mfu"]:>6.1%} {r["compile_s"]:>9.1f}', flush=True)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from configs import balanced
 import melanoma_jax
-from melanoma_jax import input_pipeline, models, optim
+from melanoma_jax import cli, input_pipeline, models, optim
 from melanoma_jax.datasets import ISIC_CLASSES
 
 FLAGS = flags.FLAGS
@@ -146,4 +146,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,8 +11,10 @@ folder and prints images/s of, in the same run:
 
 and how much the stored pixels differ between the two (PNG is lossless: only
 `Image.draft`, the JPEG DCT-domain downscaling of `decode_image`, changes
-them). Then it measures that downscaling on large originals (as SIIM-ISIC
-2020's): speed with and without it, and the pixel difference. Each figure is the best of `--rounds`, as machines
+them); then what keeping an image in the preparation cache (`preparation_cache`,
+which makes a killed preparation resumable) costs, against decoding it. Then
+it measures that downscaling on large originals (as SIIM-ISIC 2020's): speed
+with and without it, and the pixel difference. Each figure is the best of `--rounds`, as machines
 shared with other work are noisy. Run from the repository root:
 
   python -m benchmarks.prepare_speed
@@ -23,15 +25,15 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 from PIL import Image
 import tensorflow as tf  # noqa: F401  Imported before timing: TFDS imports it lazily.
 import tensorflow_datasets as tfds
 
 from benchmarks.input_pipeline import write_fixture_tree
-from melanoma_jax import preprocessing
-from melanoma_jax.datasets import preparation
+from melanoma_jax import cli, preprocessing
+from melanoma_jax.datasets import preparation, preparation_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('images_per_class', 40, 'Generated Train images per class (9 classes).')
@@ -77,6 +79,21 @@ def decode_without_draft(path: pathlib.Path, size: int) -> np.ndarray:
     return preprocessing.square_rgb(image, size).pixels
 
 
+def cache_costs(files: list[pathlib.Path], size: int, folder: str) -> dict[str, float]:
+  """Milliseconds per image, one thread: decode + resize + PNG-encode, then keeping the
+  result in a `preparation_cache` (a miss: written) and taking it back (a hit: read)."""
+  start = time.perf_counter()
+  results = [preparation._decode_and_encode(path, size) for path in files]  # pylint: disable=protected-access
+  timings = {'decode and encode': time.perf_counter() - start}
+  cache = preparation_cache.PreparationCache(folder, size)
+  for name in ('cache write', 'cache read'):
+    start = time.perf_counter()
+    for path, result in zip(files, results):
+      cache.get(path, lambda result=result: result)
+    timings[name] = time.perf_counter() - start
+  return {name: 1000 * seconds / len(files) for name, seconds in timings.items()}
+
+
 def main(argv):
   del argv
   size = FLAGS.stored_size
@@ -107,6 +124,9 @@ def main(argv):
     print(f'now / before: {rate(after) / rate(before):.2f}x; now / bare loop: '
           f'{rate(after) / rate(bare):.2f}x; stored pixels now vs before: difference mean '
           f'{diff.mean():.2f}, 99th percentile {np.percentile(diff, 99):.0f}, max {diff.max()}')
+    costs = [cache_costs(files, size, f'{tmp}/cache{r}') for r in range(FLAGS.rounds)]
+    print('per image, one thread (ms): ' + ', '.join(
+        f'{name} {min(c[name] for c in costs):.2f}' for name in costs[0]))
 
     width, height = FLAGS.large_width, FLAGS.large_width * 2 // 3
     rng = np.random.default_rng(1)
@@ -134,4 +154,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

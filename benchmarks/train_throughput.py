@@ -27,7 +27,6 @@ runs as TensorFlow users run it, without huge pages (it does not gain from
 them here).
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -43,26 +42,27 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from melanoma_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks import keras_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def _parse_args() -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='seed_cnn', help='a name in melanoma_jax.models.MODELS')
-  parser.add_argument('--image_size', type=int, default=180)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--num_classes', type=int, default=9)
-  parser.add_argument('--windows', type=int, default=5, help='timed windows per contender')
-  parser.add_argument('--steps_per_window', type=int, default=3)
-  parser.add_argument('--conv_impl', default='auto', help="seed_cnn only: its conv_impl, e.g. 'native'")
-  parser.add_argument('--settle_s', type=float, default=2.0,
-                      help='idle seconds before each window, so the previous contender\'s threads wind down')
-  parser.add_argument('--loop_epochs', type=int, default=3, help='0 skips the loop')
-  parser.add_argument('--no_keras', action='store_true')
-  parser.add_argument('--untuned', action='store_true',
-                      help='skip melanoma_jax.runtime (XLA:CPU flags, huge pages), as launch.py applies it')
-  parser.add_argument('--worker', choices=sorted(_BUILDERS), help=argparse.SUPPRESS)
-  return parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'seed_cnn', 'A name in melanoma_jax.models.MODELS.')
+flags.DEFINE_integer('image_size', 180, 'Image side in pixels.', lower_bound=1)
+flags.DEFINE_integer('batch_size', 32, 'Images per step.', lower_bound=1)
+flags.DEFINE_integer('num_classes', 9, 'Classes of the head.', lower_bound=1)
+flags.DEFINE_integer('windows', 5, 'Timed windows per contender.', lower_bound=1)
+flags.DEFINE_integer('steps_per_window', 3, 'Steps per timed window.', lower_bound=1)
+flags.DEFINE_string('conv_impl', 'auto', "seed_cnn only: its conv_impl, e.g. 'native'.")
+flags.DEFINE_float('settle_s', 2.0, "Idle seconds before each window, so the previous contender's "
+                   'threads wind down.', lower_bound=0)
+flags.DEFINE_integer('loop_epochs', 3, 'Epochs of the training loop; 0 skips it.', lower_bound=0)
+flags.DEFINE_bool('no_keras', False, 'Skip the Keras contender.')
+flags.DEFINE_bool('untuned', False, 'Skip melanoma_jax.runtime (XLA:CPU flags, huge pages) for step, '
+                  'as launch.py applies it.')
+flags.DEFINE_enum('worker', None, ['step', 'keras'], 'Internal: this process is that contender '
+                  '(the benchmark starts them itself).')
 
 
 def _peak_rss_gib() -> float:
@@ -93,46 +93,12 @@ def _jax_step(args, images, labels) -> Callable[[], None]:
   return run
 
 
-def _keras_seed_cnn(keras, input_shape, num_classes):
-  """The Keras seed model (shared/REFERENCE.md's layer table)."""
-  layers = keras.layers
-  return keras.Sequential([
-      keras.Input(images.shape[1:]),
-      layers.Rescaling(1 / 255),
-      layers.Conv2D(32, 3, activation='relu'),
-      layers.Conv2D(32, 3, activation='relu'),
-      layers.MaxPooling2D(),
-      layers.Conv2D(64, 3, activation='relu'),
-      layers.BatchNormalization(),
-      layers.MaxPooling2D(),
-      layers.Conv2D(128, 3, activation='relu'),
-      layers.BatchNormalization(),
-      layers.MaxPooling2D(),
-      layers.Flatten(),
-      layers.Dense(512, activation='relu'),
-      layers.Dropout(0.5),
-      layers.Dense(num_classes),
-  ])
-
-
-# Our model name -> its Keras counterpart (keras, input shape, classes) -> keras.Model.
-# keras.applications' ResNet50 is v1 (stride in the first 1x1 convolution of a
-# block, ours in the 3x3 as torchvision's): the same layers and parameter count.
-_KERAS_MODELS = {
-    'seed_cnn': _keras_seed_cnn,
-    'resnet50': lambda keras, shape, n: keras.applications.ResNet50(
-        weights=None, input_shape=shape, classes=n, classifier_activation=None),
-    'efficientnet_b0': lambda keras, shape, n: keras.applications.EfficientNetB0(
-        weights=None, input_shape=shape, classes=n, classifier_activation=None),
-}
-
-
 def _keras_step(args, images, labels) -> Callable[[], None]:
   """The Keras counterpart of the model, same batch and optimizer."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  model = _KERAS_MODELS[args.model](keras, images.shape[1:], args.num_classes)
+  model = keras_models.MODELS[args.model](keras, images.shape[1:], args.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=['accuracy'],
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   x, y = tf.constant(images, tf.float32), tf.constant(labels)
@@ -215,8 +181,12 @@ class _Contender:
     self.peak_rss_gib = reply['peak_rss_gib']
 
 
-def main() -> None:
-  args = _parse_args()
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
   if args.worker:
     _serve(args)
     return
@@ -233,7 +203,7 @@ def main() -> None:
         f'{lowering}XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
         flush=True)
   contenders = {}
-  with_keras = not args.no_keras and args.model in _KERAS_MODELS
+  with_keras = not args.no_keras and args.model in keras_models.MODELS
   if not args.no_keras and not with_keras:
     print(f'keras: skipped (keras.applications has no {args.model})', flush=True)
   for name in ('step', 'keras') if with_keras else ('step',):
@@ -271,4 +241,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -46,6 +46,19 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.fold = 0
   config.balance_classes = False
 
+  # What preparation does to each image file before storing it, and
+  # prediction to each new file (melanoma_jax.preprocessing): crop_border
+  # crops a dermoscope's dark circular border to the lit field;
+  # color_constancy is Shades-of-Gray with Minkowski norm shades_of_gray_p (6,
+  # as the ISIC 2019 and 2020 winners); aspect makes the stored square by
+  # 'squash' (stretch), 'center_crop' (cut the long side) or 'pad' (black
+  # bars). Other options prepare the dataset anew, in a folder of their own.
+  config.preprocess = ml_collections.ConfigDict()
+  config.preprocess.crop_border = False
+  config.preprocess.color_constancy = False
+  config.preprocess.shades_of_gray_p = 6
+  config.preprocess.aspect = 'squash'
+
   config.augment = ml_collections.ConfigDict()
   config.augment.enabled = False
   config.augment.flips = True          # both axes: lesions have no orientation

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from melanoma_jax import preprocessing
 from melanoma_jax.errors import ConfigError
 
 INF = math.inf
@@ -62,6 +63,14 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     if not (above and below):  # also true for NaN
       interval = f'{"[" if low_in else "("}{low}, {high}{"]" if high_in else ")"}'
       raise ConfigError(f'config.{field}={value} must be in {interval}.')
+
+
+def check_preprocess(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming a config.preprocess field that cannot work, with its choices."""
+  try:
+    preprocessing.Preprocess.from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def available_memory_bytes() -> tuple[int | None, str]:

@@ -8,6 +8,7 @@ itself; elsewhere they are given explicitly.
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as orbax_multihost
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None,
@@ -31,10 +32,10 @@ def wait_for_all_processes(name: str, timeout_minutes: int = 30) -> None:
 
   Gloo builds its communication context at the first collective and gives
   up when a peer is 30 s late, as a slower host still loading data or
-  compiling can be; a barrier of the coordination service waits longer.
+  compiling can be; a barrier of the coordination service waits longer
+  (JAX has no public one; orbax's is public and kept up with JAX).
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  jax_distributed.global_state.client.wait_at_barrier(name, timeout_minutes * 60_000)
+  orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_minutes * 60_000)
   multihost_utils.sync_global_devices(name)

@@ -223,31 +223,35 @@ def read_description(path: epath.PathLike) -> dict[str, Any]:
   return json.loads(path.read_text())
 
 
-def predict_files(description: dict[str, Any], files: Sequence[Any], batch_size: int = 32
+def predict_files(description: dict[str, Any], files: Sequence[Any], batch_size: int = 32,
+                  metadata: dict[str, np.ndarray] | None = None
                   ) -> list[tuple[Any, np.ndarray | None, str | None]]:
   """(file, ensemble scores or None, error or None) per file, as `inference.predict_files`.
 
   The models, their checkpoints, the combination and TTA are the ensemble's
   (`description`, from ensemble.json), so the scores match its threshold.
+  Each model decodes files as its own run prepared its data; `metadata`
+  (`metadata.read_csv`) feeds the models that have a metadata branch.
   """
   # pylint: disable=g-import-not-at-top  (both import clinical_report, which this module's users import)
-  from melanoma_jax import cli, inference, train
-  per_model, errors = [], None
+  from melanoma_jax import cli, inference, preprocessing, train
+  per_model, file_errors = [], None
   for model in description['models']:
     try:
       state, config, meta = train.restore_for_inference(model['workdir'], model['step'])
     except FileNotFoundError as e:
       raise errors.EnsembleError(f'{e} The ensemble was evaluated with that checkpoint: evaluate the '
-                          'ensemble again to use the runs as they are now.') from None
+                                 'ensemble again to use the runs as they are now.') from None
     rows = list(inference.predict_files(state, files, config.image_size, batch_size, description['tta'],
-                                        cli.stored_image_size(config, meta)))
-    errors = [error for _, _, error, _ in rows]
+                                        cli.stored_image_size(config, meta), metadata,
+                                        preprocess=preprocessing.Preprocess.from_config(config)))
+    file_errors = [error for _, _, error, _ in rows]
     per_model.append([probs for _, probs, _, _ in rows])
   references = {k: np.asarray(v) for k, v in (description.get('references') or {}).items()}
-  readable = [i for i, error in enumerate(errors) if error is None]
+  readable = [i for i, error in enumerate(file_errors) if error is None]
   scores = {}
   if readable:
     combined = combine_models([np.stack([probs[i] for i in readable]) for probs in per_model],
                               description['models'], description['combine'], references)
     scores = dict(zip(readable, combined))
-  return [(path, scores.get(i), error) for i, (path, error) in enumerate(zip(files, errors))]
+  return [(path, scores.get(i), error) for i, (path, error) in enumerate(zip(files, file_errors))]

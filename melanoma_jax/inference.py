@@ -1,6 +1,7 @@
 """Melanoma alerts for image files with a trained run.
 
   python -m melanoma_jax.inference --workdir=runs/balanced --output=preds.csv [--json] [--tta] PATH...
+  python -m melanoma_jax.inference --workdir=runs/a --workdir=runs/b --ensemble=DIR --output=preds.csv PATH...
 
 PATHs are image files and folders (searched recursively for .jpg .jpeg .png
 .bmp, any case). One CSV row per image: per-class probabilities, predicted
@@ -13,10 +14,14 @@ same as JSON next to the CSV; --tta averages the 8 flips and rotations of
 each image.
 """
 
+import collections
+import concurrent.futures
+import functools
 import json
+import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from melanoma_jax import runtime
@@ -26,11 +31,27 @@ if __name__ == '__main__':
 
 import jax
 import numpy as np
+from absl import flags
 
-from melanoma_jax import calibration, cli, clinical_report, ensemble, errors, ood, paths, preprocessing, steps
+from melanoma_jax import (calibration, checkpointing, cli, clinical_report, ensemble, errors, ood, preprocessing,
+                          steps)
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.datasets import folder_layout
 from melanoma_jax.datasets import tables
+
+FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
+cli.define_run_flags(FLAGS, several=True)
+flags.DEFINE_string('ensemble', None, 'Several --workdir runs: the output of `evaluate` on them (its '
+                    "ensemble.json: models, --combine, --tta, threshold); default: a CV run's own.",
+                    flag_values=FLAGS)
+cli.define_path('output', 'CSV file to write.', FLAGS, required=True)
+flags.DEFINE_bool('json', False, 'Also write the results as JSON (.json).', flag_values=FLAGS)
+flags.DEFINE_bool('tta', False, 'Average the 8 flips and rotations.', flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 32, 'Images per prediction batch.', lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string('metadata_csv', None, 'Age, sex and site per image, for runs trained with '
+                    'model.metadata (default: metadata.csv in a PATH folder, if there).', flag_values=FLAGS)
+cli.define_probability('threshold', "Alert threshold on p(melanoma); default: the run's operating point.",
+                       FLAGS)
 
 
 def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -49,39 +70,86 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
   return found
 
 
-_PREDICT = {False: jax.jit(steps.predict), True: jax.jit(steps.predict_tta)}
+# Batches decoded ahead of the one the model runs, on a pool of threads (PIL
+# releases the GIL while it decodes and resizes).
+PREFETCH_BATCHES = 2
 
 
-def _decode(path: pathlib.Path, stored_size: int, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: pathlib.Path, stored_size: int, image_size: int,
+            preprocess: preprocessing.Preprocess) -> tuple[np.ndarray | None, str | None]:
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return preprocessing.model_input(path, stored_size, image_size), None
+    return preprocessing.model_input(path, stored_size, image_size, preprocess), None
   except errors.UnreadableImageError as e:
     return None, str(e)
+
+
+@functools.partial(jax.jit, static_argnames=('tta', 'ood_method'))
+def _predict_and_score(state: steps.TrainState, images: jax.Array, metadata: jax.Array | None,
+                       ood_statistics: dict[str, jax.Array], tta: bool,
+                       ood_method: str | None) -> tuple[jax.Array, jax.Array | None]:
+  """(class probabilities, out-of-distribution scores or None) of a batch, in one program.
+
+  Without TTA or metadata the two ask for the same forward pass, which XLA
+  computes once.
+  """
+  probs = (steps.predict_tta if tta else steps.predict)(state, images, metadata)
+  if ood_method is None:
+    return probs, None
+  detector = {'method': ood_method, **ood_statistics}
+  return probs, ood.score_features(*ood.features_and_logits(state, images), detector)
+
+
+def for_prediction(state: steps.TrainState) -> steps.TrainState:
+  """`state` with its model lowered for the forward pass alone (the same function and parameters).
+
+  A seed model's 'auto' lowering is chosen for training, whose backward
+  pass dominates; the forward pass alone runs fastest as written.
+  """
+  if getattr(state.model, 'conv_impl', None) == 'auto':
+    return state.replace(model=state.model.clone(conv_impl='native'))
+  return state
 
 
 def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_size: int,
                   batch_size: int = 32, tta: bool = False, stored_size: int | None = None,
                   metadata: Mapping[str, np.ndarray] | None = None,
-                  ood_score: Callable[[steps.TrainState, np.ndarray], jax.Array] | None = None
+                  detector: Mapping[str, Any] | None = None,
+                  preprocess: preprocessing.Preprocess = preprocessing.Preprocess(),
+                  workers: int | None = None
                   ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None, float | None]]:
-  """(file, class probabilities or None, error or None, `ood_score` or None) per file, in order.
+  """(file, class probabilities or None, error or None, out-of-distribution score or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
-  default `image_size`) and resized as training resized them
-  (`preprocessing.model_input`). They are decoded a batch at a time; every
-  batch is padded to `batch_size`, so the jitted predict compiles once.
-  `metadata` (from `metadata_lib.read_csv`, by image key) feeds models with
-  a metadata branch; a file it lacks has unknown metadata. The
-  out-of-distribution score is of the image as given (not its TTA views).
+  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
+  resized as training resized them (`preprocessing.model_input`), by
+  `workers` threads (default: one per CPU), `PREFETCH_BATCHES` batches ahead
+  of the model; the model runs on one batch while the previous one's rows
+  are made. Every batch is padded
+  to `batch_size`, so the jitted model compiles once. `metadata` (from
+  `metadata_lib.read_csv`, by image key) feeds models with a metadata
+  branch; a file it lacks has unknown metadata. `detector` (the run's
+  `ood.read`) scores each image as given (not its TTA views).
   """
-  predict = _PREDICT[tta]
-  for start in range(0, len(files), batch_size):
-    chunk = files[start:start + batch_size]
-    decoded = [_decode(path, stored_size or image_size, image_size) for path in chunk]
-    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+  state, stored_size = for_prediction(state), stored_size or image_size
+  ood_method = detector['method'] if detector else None
+  ood_statistics = {k: np.asarray(detector[k], np.float32) for k in ('means', 'precision')
+                    if detector and k in detector}
+  chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+  pool = concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count())
+  decoding = collections.deque()
+
+  def decode_ahead(k: int) -> None:
+    if k < len(chunks):
+      decoding.append([pool.submit(_decode, path, stored_size, image_size, preprocess) for path in chunks[k]])
+
+  def batch(chunk: Sequence[pathlib.Path], decoded: list) -> tuple | None:
+    """The model's outputs for a chunk, dispatched (not waited for); None when nothing is readable."""
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+    if not readable:
+      return None
+    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
     for i in readable:
       images[i] = decoded[i][0]
     encoded = None
@@ -89,11 +157,29 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
       encoded = metadata_lib.unknown(batch_size)
       for i, path in enumerate(chunk):
         encoded[i] = metadata.get(tables.image_key(path.name), encoded[i])
-    probs = np.asarray(predict(state, images, encoded)) if readable else None
-    scores = np.asarray(ood_score(state, images)) if readable and ood_score else None
+    return _predict_and_score(state, images, encoded, ood_statistics, tta, ood_method)
+
+  def rows(chunk: Sequence[pathlib.Path], decoded: list, outputs: tuple | None) -> Iterator[tuple]:
+    probs, scores = (None, None) if outputs is None else jax.device_get(outputs)
     for i, (path, (_, error)) in enumerate(zip(chunk, decoded)):
       yield (path, (None if error else probs[i]), error,
              None if error or scores is None else float(scores[i]))
+
+  try:
+    for k in range(PREFETCH_BATCHES):
+      decode_ahead(k)
+    previous = None
+    for k, chunk in enumerate(chunks):
+      decode_ahead(k + PREFETCH_BATCHES)
+      decoded = [future.result() for future in decoding.popleft()]
+      outputs = batch(chunk, decoded)
+      if previous:
+        yield from rows(*previous)
+      previous = chunk, decoded, outputs
+    if previous:
+      yield from rows(*previous)
+  finally:
+    pool.shutdown(cancel_futures=True)
 
 
 def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | None,
@@ -125,85 +211,10 @@ def prediction_row(path: pathlib.Path, probs: np.ndarray | None, error: str | No
   return row
 
 
-def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
-  """Flat columns: file, predicted class, p(melanoma), alert (yes/no), in distribution (yes/no),
-  out-of-distribution score, p_<class>..., why refused, error."""
-  columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
-             'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
-  clinical_report.write_csv(path, columns, [
-      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
-
-
-def _ensemble_predictions(args, files: Sequence[pathlib.Path]) -> tuple[list[str], float | None, list]:
-  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs."""
-  try:
-    description = ensemble.read_description(args.ensemble or args.workdir[0])
-    if ensemble.run_paths(description['runs']) != ensemble.run_paths(args.workdir):
-      raise errors.EnsembleError(f'{args.ensemble or args.workdir[0]} describes the ensemble of '
-                                   f'{description["runs"]}, not of {args.workdir}.')
-    if args.tta != description['tta']:
-      raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
-                                   '--tta and its threshold holds only that way: pass the same.')
-    results = ensemble.predict_files(description, files, args.batch_size)
-  except errors.EnsembleError as e:
-    sys.exit(f'Error: {e}')
-  operating_point = description['operating_point']
-  threshold = args.threshold if args.threshold is not None else (operating_point and operating_point['threshold'])
-  return description['class_names'], threshold, results
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__, several=True)
-  parser.add_argument('--ensemble', default=None,
-                      help='Several --workdir runs: the output of `evaluate` on them (its ensemble.json: '
-                      "models, --combine, --tta, threshold); default: a CV run's own.")
-  parser.add_argument('paths', nargs='+', metavar='PATH', help='Image files and folders.')
-  parser.add_argument('--output', required=True, type=paths.user_path, help='CSV file to write.')
-  parser.add_argument('--json', action='store_true', help='Also write the results as JSON (.json).')
-  parser.add_argument('--tta', action='store_true', help='Average the 8 flips and rotations.')
-  parser.add_argument('--batch_size', type=cli.positive_int, default=32)
-  parser.add_argument('--metadata_csv', default=None,
-                      help='Age, sex and site per image, for runs trained with model.metadata '
-                           '(default: metadata.csv in a PATH folder, if there).')
-  parser.add_argument('--threshold', type=cli.probability, default=None,
-                      help="Alert threshold on p(melanoma); default: the run's operating point.")
-  args = parser.parse_args(argv)
-  files = find_images(args.paths)
-  if len(args.workdir) > 1 or ensemble.is_cv_run(args.workdir[0]) or args.ensemble:
-    class_names, threshold, results = _ensemble_predictions(args, files)
-    _write_results(args, class_names, threshold, results, step=None)
-    return
-  args.workdir = args.workdir[0]
-  state, config, meta = cli.restore(args)
-  class_names = meta['class_names']
-  operating_point = clinical_report.read_operating_point(args.workdir)
-  threshold = args.threshold if args.threshold is not None else (
-      operating_point and operating_point['threshold'])
-  if args.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
-    print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
-          f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
-  metadata_csv = args.metadata_csv or next(
-      (p / 'metadata.csv' for p in map(pathlib.Path, args.paths) if (p / 'metadata.csv').is_file()),
-      None)
-  metadata = None
-  if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
-    metadata = metadata_lib.read_csv(metadata_csv)
-  elif args.metadata_csv is not None:
-    print(f'Warning: this run has no metadata branch; {args.metadata_csv} is not used.',
-          file=sys.stderr)
-  temperature = _for_this_step(calibration.read(args.workdir), state, 'calibration')
-  detector = _for_this_step(ood.read(args.workdir), state, 'out-of-distribution detector')
-  results = predict_files(state, files, config.image_size, args.batch_size, args.tta,
-                          cli.stored_image_size(config, meta), metadata,
-                          detector and ood.scorer(detector))
-  _write_results(args, class_names, threshold, results, step=int(state.step), temperature=temperature,
-                 detector=detector)
-
-
-def _write_results(args, class_names: Sequence[str], threshold: float | None, results,
-                   step: int | None, temperature: dict[str, Any] | None = None,
-                   detector: dict[str, Any] | None = None) -> None:
-  """The CSV (and JSON) of `results`: (file, probabilities, error[, out-of-distribution score]).
+def prediction_rows(results: Iterable[tuple], class_names: Sequence[str], threshold: float | None,
+                    temperature: dict[str, Any] | None = None,
+                    detector: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+  """`prediction_row` of each of `results`: (file, probabilities, error[, out-of-distribution score]).
 
   `temperature` (the run's calibration) scales the probabilities; with the
   run's `detector`, images beyond its threshold are refused.
@@ -214,13 +225,96 @@ def _write_results(args, class_names: Sequence[str], threshold: float | None, re
       probs = calibration.scale(probs, temperature['temperature'])
     rows.append(prediction_row(path, probs, error, class_names, threshold, score[0] if score else None,
                                detector and detector['threshold']))
-  output = pathlib.Path(args.output)
+  return rows
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
+  """Flat columns: file, predicted class, p(melanoma), alert (yes/no), in distribution (yes/no),
+  out-of-distribution score, p_<class>..., why refused, error."""
+  columns = ['file', 'predicted_class', 'melanoma_probability', 'melanoma_alert', 'in_distribution',
+             'ood_score', *(f'p_{name}' for name in class_names), 'refused', 'error']
+  clinical_report.write_csv(path, columns, [
+      {**row, **{f'p_{name}': p for name, p in row['probabilities'].items()}} for row in rows])
+
+
+def _ensemble_predictions(files: Sequence[pathlib.Path], metadata_csv: pathlib.Path | str | None
+                          ) -> tuple[list[str], float | None, list]:
+  """(class names, threshold, predictions) of the ensemble that `evaluate` evaluated on these runs;
+  `metadata_csv` feeds its models that have a metadata branch."""
+  try:
+    description = ensemble.read_description(FLAGS.ensemble or FLAGS.workdir[0])
+    if ensemble.run_paths(description['runs']) != ensemble.run_paths(FLAGS.workdir):
+      raise errors.EnsembleError(f'{FLAGS.ensemble or FLAGS.workdir[0]} describes the ensemble of '
+                                   f'{description["runs"]}, not of {FLAGS.workdir}.')
+    if FLAGS.tta != description['tta']:
+      raise errors.EnsembleError(f'The ensemble was evaluated {"with" if description["tta"] else "without"} '
+                                   '--tta and its threshold holds only that way: pass the same.')
+    results = ensemble.predict_files(description, files, FLAGS.batch_size,
+                                     metadata_csv and metadata_lib.read_csv(metadata_csv))
+  except errors.EnsembleError as e:
+    sys.exit(f'Error: {e}')
+  operating_point = description['operating_point']
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else (operating_point and operating_point['threshold'])
+  return description['class_names'], threshold, results
+
+
+def _metadata_csv(image_paths: Sequence[str]) -> pathlib.Path | str | None:
+  """--metadata_csv, else metadata.csv in a PATH folder, else None."""
+  return FLAGS.metadata_csv or next(
+      (p / 'metadata.csv' for p in map(pathlib.Path, image_paths) if (p / 'metadata.csv').is_file()),
+      None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command with arguments `argv` (without the program name; default the command line's)."""
+  image_paths = cli.parse(FLAGS, argv, __doc__, positional='image file or folder (PATH) to predict')
+  runs = [p for p in image_paths
+          if ensemble.is_cv_run(p) or (pathlib.Path(p) / checkpointing.CONFIG_FILE).exists()]
+  if runs:
+    sys.exit(f'Error: {runs} are training runs, not images: give several runs as --workdir=A --workdir=B.')
+  files = find_images(image_paths)
+  if len(FLAGS.workdir) > 1 or ensemble.is_cv_run(FLAGS.workdir[0]) or FLAGS.ensemble:
+    class_names, threshold, results = _ensemble_predictions(files, _metadata_csv(image_paths))
+    _write_results(FLAGS.workdir, class_names, threshold, results, step=None)
+    return
+  workdir = FLAGS.workdir[0]
+  state, config, meta = cli.restore(workdir, FLAGS.step)
+  class_names = meta['class_names']
+  operating_point = clinical_report.read_operating_point(workdir)
+  threshold = FLAGS.threshold if FLAGS.threshold is not None else (
+      operating_point and operating_point['threshold'])
+  if FLAGS.threshold is None and operating_point and operating_point['checkpoint']['step'] != int(state.step):
+    print(f"Warning: the run's threshold was chosen for step {operating_point['checkpoint']['step']}, "
+          f'not step {int(state.step)}; pass --threshold to choose.', file=sys.stderr)
+  metadata_csv = _metadata_csv(image_paths)
+  metadata = None
+  if metadata_csv is not None and getattr(state.model, 'uses_metadata', False):
+    metadata = metadata_lib.read_csv(metadata_csv)
+  elif FLAGS.metadata_csv is not None:
+    print(f'Warning: this run has no metadata branch; {FLAGS.metadata_csv} is not used.',
+          file=sys.stderr)
+  temperature = _for_this_step(calibration.read(workdir), state, 'calibration')
+  detector = _for_this_step(ood.read(workdir), state, 'out-of-distribution detector')
+  results = predict_files(state, files, config.image_size, FLAGS.batch_size, FLAGS.tta,
+                          cli.stored_image_size(config, meta), metadata, detector,
+                          preprocessing.Preprocess.from_config(config))
+  _write_results(workdir, class_names, threshold, results, step=int(state.step), temperature=temperature,
+                 detector=detector)
+
+
+def _write_results(workdir: str | list[str], class_names: Sequence[str], threshold: float | None, results,
+                   step: int | None, temperature: dict[str, Any] | None = None,
+                   detector: dict[str, Any] | None = None) -> None:
+  """The CSV (and JSON, naming `workdir`: the run or the ensemble's runs) of `results`: (file,
+  probabilities, error[, out-of-distribution score])."""
+  rows = prediction_rows(results, class_names, threshold, temperature, detector)
+  output = pathlib.Path(FLAGS.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   write_csv(output, rows, class_names)
-  if args.json:
+  if FLAGS.json:
     output.with_suffix('.json').write_text(json.dumps({
-        'workdir': args.workdir, 'step': step, 'class_names': class_names,
-        'threshold': threshold, 'tta': args.tta,
+        'workdir': workdir, 'step': step, 'class_names': class_names,
+        'threshold': threshold, 'tta': FLAGS.tta,
         'temperature': temperature and temperature['temperature'],
         'ood_threshold': detector and detector['threshold'], 'predictions': rows}, indent=2))
   errors = sum(row['error'] is not None for row in rows)

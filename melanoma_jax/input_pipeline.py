@@ -16,6 +16,7 @@ same batches whether or not the run was resumed.
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -28,7 +29,7 @@ from etils import epath
 from melanoma_jax import datasets, errors, preprocessing
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import DataError
-from melanoma_jax.datasets import groups_csv
+from melanoma_jax.datasets import groups_csv, preparation
 from melanoma_jax.datasets import tables, vocabulary
 
 # Test is carved from train with this seed, not config.seed, so every run
@@ -88,19 +89,48 @@ def prepared_builder(config: ml_collections.ConfigDict,
   # once prepared it needs no tree (evaluating a run after the tree moved).
   kwargs = {'manual_dir': config.manual_dir} if getattr(builder_class, 'TREE_AT_CONSTRUCTION', False) else {}
   tree_missing = bool(kwargs) and bool(config.manual_dir) and not epath.Path(config.manual_dir).exists()
+  preprocessed = _preprocessed_config(dataset, builder_class, config)
   try:
     try:
-      builder = tfds.builder(dataset, data_dir=config.data_dir, **({} if tree_missing else kwargs))
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed,
+                             **({} if tree_missing else kwargs))
     except errors.DatasetLayoutError:
       if not tree_missing:
         raise
-      builder = tfds.builder(dataset, data_dir=config.data_dir, **kwargs)  # says what is missing
+      # Says what is missing.
+      builder = tfds.builder(dataset, data_dir=config.data_dir, **preprocessed, **kwargs)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'Unknown dataset {dataset!r} (config.dataset). {e}') from e
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
   return builder
+
+
+def _preprocessed_config(dataset: str, builder_class: type,
+                         config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'config': the builder config of config.preprocess}, {} for the defaults.
+
+  The options change the stored pixels, so they name the prepared dataset
+  (`preprocessing.Preprocess.config_name`, e.g. '256px_border_sog6'): other
+  options never reuse data prepared with these.
+  """
+  try:
+    options = preprocessing.Preprocess.from_config(config)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  if not options.tag:
+    return {}
+  name, _, named_config = dataset.partition('/')
+  if not issubclass(builder_class, preparation.FolderBuilder):
+    of_files = sorted(n for n, c in datasets.BUILDERS.items() if issubclass(c, preparation.FolderBuilder))
+    raise DataError(f'config.preprocess ({options.tag}) applies to the datasets prepared from image '
+                    f'files ({", ".join(of_files)}); {name} is not one: leave config.preprocess at '
+                    'its defaults.')
+  if named_config:
+    raise DataError(f'config.dataset={dataset!r} names a builder config, and config.preprocess '
+                    f'({options.tag}) chooses one too: write config.dataset={name!r}.')
+  return {'config': builder_class.get_builder_config(options.config_name(preparation.DEFAULT_IMAGE_SIZE))}
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:

@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from melanoma_jax import errors
+from melanoma_jax import errors, models
 from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
 # age / 100, age unknown; female, male, sex unknown; each site, site unknown.
 NUM_FEATURES = 2 + len(vocabulary.SEXES) + 1 + len(vocabulary.SITES) + 1
+BACKBONE = 'image_model'  # The image model's variables inside a `MetadataModel`'s.
 _AGE_SCALE = 100.0
 
 
@@ -89,12 +90,12 @@ class MetadataModel(nn.Module):
     def before_head(next_fun, args, kwargs, context):
       module = context.module
       if (module.name == 'head' and context.method_name == '__call__'
-          and module.parent is not None and module.parent.name == 'image_model'):
+          and module.parent is not None and module.parent.name == BACKBONE):
         captured.append(args[0])
         return jnp.zeros((*args[0].shape[:-1], 1), args[0].dtype)
       return next_fun(*args, **kwargs)
 
-    backbone = self.backbone.clone(axis_name=self.axis_name, name='image_model', parent=self)
+    backbone = self.backbone.clone(axis_name=self.axis_name, name=BACKBONE, parent=self)
     with nn.intercept_methods(before_head):
       backbone(images, train=train)
     if len(captured) != 1:
@@ -117,6 +118,19 @@ class MetadataModel(nn.Module):
     joined = jnp.concatenate([features, branch.astype(features.dtype)], axis=-1)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(joined)
     return jnp.asarray(logits, jnp.float32)
+
+
+def fit_pretrained(name: str, pretrained: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+  """`models.fit_pretrained` for a `MetadataModel`'s variables (`template`).
+
+  The pretrained backbone (its BatchNorm statistics included) goes under
+  `BACKBONE`, whose own head the wrapper never runs; the metadata branch and
+  the new `head` keep `template`'s initialisation.
+  """
+  inner = {collection: tree[BACKBONE] for collection, tree in template.items() if BACKBONE in tree}
+  fitted = models.fit_pretrained(name, pretrained, inner)
+  return {collection: {**tree, BACKBONE: fitted[collection]} if collection in fitted else tree
+          for collection, tree in template.items()}
 
 
 # Column names accepted by `read_csv`, first match wins.

@@ -21,7 +21,6 @@ Dense works unchanged.
 """
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -85,11 +84,6 @@ def score_features(features: jax.Array, logits: jax.Array, detector: dict[str, A
     return energy(jnp.asarray(logits))
   return mahalanobis(jnp.asarray(features), jnp.asarray(detector['means'], jnp.float32),
                      jnp.asarray(detector['precision'], jnp.float32))
-
-
-def scorer(detector: dict[str, Any]) -> Callable[[steps.TrainState, jax.Array], jax.Array]:
-  """A jitted (state, images) -> scores [B] for the detector."""
-  return jax.jit(lambda state, images: score_features(*features_and_logits(state, images), detector))
 
 
 _p_features_and_logits = jax.pmap(features_and_logits, in_axes=(None, 0))

@@ -10,7 +10,9 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   YNNPACK instead and keeps matmuls and convolutions on Eigen. It is
   experimental, so it is set only for the jaxlib releases it was measured on
   (an unknown flag aborts XLA), and it changes which lowering is fastest
-  (`models.seed_cnn_lowering.resolve`).
+  (`models.seed_cnn_lowering.resolve`). Another jaxlib runs without it, and
+  `configure` logs a warning that says so (`slow_path_warning`);
+  pyproject.toml allows only the releases measured here or on accelerators.
 * glibc returns every freed block over 32 MiB to the kernel, so each step
   faults its GBs of temporaries in again, 4 KiB at a time (README, Speed:
   the page faults and system time with and without transparent huge pages).
@@ -48,11 +50,33 @@ def cpu_xla_flags(jaxlib_version: str) -> tuple[str, ...]:
   return _CPU_XLA_FLAGS.get(major_minor, ())
 
 
+def _jaxlib_version() -> str | None:
+  try:
+    return importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def _measured_flags() -> tuple[str, ...]:
   try:
-    return cpu_xla_flags(importlib.metadata.version('jaxlib'))
-  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return cpu_xla_flags(_jaxlib_version() or '')
+  except ValueError:
     return ()
+
+
+def slow_path_warning(jaxlib_version: str | None) -> str | None:
+  """What runs slower on CPU with this jaxlib, for the log; None for a release the flags were measured on."""
+  try:
+    if jaxlib_version is None or cpu_xla_flags(jaxlib_version):
+      return None
+  except ValueError:
+    pass
+  measured = ', '.join(f'{major}.{minor}' for major, minor in _CPU_XLA_FLAGS)
+  return (f'jaxlib {jaxlib_version}: melanoma_jax\'s XLA:CPU flags were measured on jaxlib {measured} '
+          'only, so they are off and training on a CPU is slower (large sums such as BatchNorm '
+          'statistics run as XLA\'s default reduce-window trees, and the seed model\'s '
+          'conv_impl=auto takes the "mixed" lowering). GPU and TPU runs are unaffected; for the '
+          f'measured CPU speed, install jax and jaxlib {measured}.')
 
 
 def cpu_flags_active() -> bool:
@@ -106,14 +130,18 @@ def configure(reexec: bool = False) -> None:
 
   With `reexec`, a Linux process without a GLIBC_TUNABLES of its own is
   replaced by the same command with huge pages; the PID stays the same, so
-  signals still reach it. Without, only the XLA flags are set. Then
-  TensorFlow is imported without its start-up banners.
+  signals still reach it. Without, only the XLA flags are set. A jaxlib
+  they were not measured on gets a warning instead. Then TensorFlow is
+  imported without its start-up banners.
   """
   os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags())
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
     os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+  warning = slow_path_warning(_jaxlib_version())
+  if warning:
+    logging.getLogger(__name__).warning(warning)
   _import_tensorflow_quietly()
 
 

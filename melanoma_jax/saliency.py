@@ -23,8 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 import numpy as np
+from absl import flags
 
-from melanoma_jax import cli, errors, models, paths, plots, preprocessing, steps
+from melanoma_jax import cli, errors, models, plots, preprocessing, steps
+
+FLAGS = flags.FlagValues()  # This tool's own (`cli.parse`).
+cli.define_run_flags(FLAGS)
+cli.define_path('image', 'The image file to explain.', FLAGS, required=True)
+flags.DEFINE_string('class', None, 'Class name or number; default: the predicted class.', flag_values=FLAGS)
+cli.define_path('output', 'PNG file to write.', FLAGS, required=True)
 
 
 def _class_score(logits: jax.Array, class_index: jax.Array) -> jax.Array:
@@ -85,25 +92,23 @@ def class_index(name_or_index: str, class_names: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.run_parser(__doc__)
-  parser.add_argument('--image', required=True, type=paths.user_path)
-  parser.add_argument('--class', dest='class_name', default=None,
-                      help='Class name or number; default: the predicted class.')
-  parser.add_argument('--output', required=True, type=paths.user_path, help='PNG file to write.')
-  args = parser.parse_args(argv)
-  state, config, meta = cli.restore(args)
+  """The command with arguments `argv` (without the program name; default the command line's)."""
+  cli.parse(FLAGS, argv, __doc__)
+  state, config, meta = cli.restore(FLAGS.workdir, FLAGS.step)
   class_names = meta['class_names']
+  chosen = FLAGS['class'].value
   try:
-    pixels = preprocessing.model_input(args.image, cli.stored_image_size(config, meta), config.image_size)
+    pixels = preprocessing.model_input(FLAGS.image, cli.stored_image_size(config, meta), config.image_size,
+                                       preprocessing.Preprocess.from_config(config))
     probs = np.asarray(jax.jit(steps.predict)(state, pixels[None]))[0]
-    index = int(np.argmax(probs)) if args.class_name is None else class_index(args.class_name, class_names)
+    index = int(np.argmax(probs)) if chosen is None else class_index(chosen, class_names)
   except (errors.UnreadableImageError, ValueError) as e:
-    sys.exit(f'Error: {args.image}: {e}')
+    sys.exit(f'Error: {FLAGS.image}: {e}')
   cam = np.asarray(grad_cam(state, pixels, jnp.asarray(index)))
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  plots.grad_cam_overlay(args.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
+  os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
+  plots.grad_cam_overlay(FLAGS.output, pixels, cam, f'Grad-CAM: {class_names[index]} '
                          f'(p={probs[index]:.3f}; predicted {class_names[int(np.argmax(probs))]})')
-  print(f'Wrote {args.output}')
+  print(f'Wrote {FLAGS.output}')
 
 
 if __name__ == '__main__':

@@ -4,10 +4,12 @@ All side effects of training live here (and in `reporting`); the maths is in
 `steps`, `optim` and `models`.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -72,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   optim.make_optimizer(config)  # raises on invalid optimizer, schedule or plateau settings
   losses.make_loss(config.get('loss'), None)  # raises on invalid loss settings
   config_checks.check_ranges(config)
+  config_checks.check_preprocess(config)
   config_checks.check_memory(config, lambda: build_state(config, config.model.num_outputs or 9))
 
 
@@ -109,49 +112,6 @@ def restore_for_inference(workdir: str, step: int | None = None
   return state, config, meta
 
 
-def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
-  return ' '.join(f'{k}={summary[k]:.4f}' for k in keys if summary.get(k) is not None)
-
-
-def _log_progress(epoch: int, i: int, epoch_steps: int, config: ml_collections.ConfigDict,
-                  images_per_sec: float) -> None:
-  remaining = ((config.num_epochs - epoch) * epoch_steps + epoch_steps - i) * config.batch_size
-  logging.info('epoch %d/%d step %d/%d: %.1f images/s, ETA %s', epoch, config.num_epochs, i,
-               epoch_steps, images_per_sec,
-               time.strftime('%H:%M:%S', time.gmtime(remaining / images_per_sec)))
-
-
-def _check_finite(total: metrics_lib.Metrics, step: int, window_start: int, window_bad: int,
-                  manager: Any, workdir: epath.Path, skip: bool, epoch_end: bool = False) -> int:
-  """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint.
-
-  Skipping (`skip`) stops too once skipping cannot help: when every step
-  since the last check (`window_start`, when `window_bad` steps of the epoch
-  were non-finite) was non-finite and the epoch has had MAX_NONFINITE_TO_SKIP
-  of them, or at the epoch's end when all its steps were. Returns the
-  epoch's count of non-finite steps.
-  """
-  bad, steps_done = (int(x) for x in jax.device_get(total['nonfinite']))
-  if not bad:
-    return bad
-  latest = manager.latest_step()
-  saved = (f'nothing after the last good checkpoint was saved: step {latest} in {workdir / "checkpoints"}'
-           if latest is not None else 'no checkpoint was saved yet, so a rerun starts from the beginning')
-  if not skip:
-    raise FloatingPointError(
-        f'Non-finite loss or gradient in {bad} step(s) between steps {window_start + 1} and '
-        f'{step}; {saved}. Lower config.learning_rate and rerun to resume, or set '
-        'config.skip_nonfinite_steps=True to skip such steps.')
-  window_all_bad = bad - window_bad == step - window_start
-  if (window_all_bad and bad >= MAX_NONFINITE_TO_SKIP) or (epoch_end and bad == steps_done):
-    raise FloatingPointError(
-        f'Every step from {window_start + 1} to {step} had a non-finite loss or gradient ({bad} this '
-        f'epoch), so skipping them cannot get past it; {saved}. Lower config.learning_rate and '
-        'rerun to resume.')
-  logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
-  return bad
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        start_over: bool = False) -> dict[str, Any] | None:
   """Trains, resuming from `workdir` if it holds checkpoints; returns Test metrics.
@@ -173,17 +133,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return None
 
 
+class Preempted(Exception):
+  """SIGTERM reached the training steps and the state is saved at `step`: a rerun resumes there."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted; step {step} is saved')
+    self.step = step
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         start_over: bool) -> dict[str, Any] | None:
+  """Set up, then each epoch's steps and its end, then the final evaluation.
+
+  Preemption, in an epoch's steps or at its end, leaves here and only here.
+  """
   checkpointing.check_workdir(workdir, config, start_over)
   data = input_pipeline.load_data(config)
+  run, state, meta, history = _start(config, workdir, data)
+  distributed.wait_for_all_processes('melanoma_jax_training_starts')
+  try:
+    with preemption.PreemptionWatch(run.manager) as preempted:
+      for epoch in range(int(state.step) // run.epoch_steps + 1, config.num_epochs + 1):
+        trained = _train_epoch(run, state, epoch, meta.get('partial_train_metrics'), history, preempted)
+        state, history = _end_epoch(run, epoch, trained, history)
+        if preempted(int(state.step)):
+          raise Preempted(int(state.step))
+  except Preempted as stop:
+    logging.warning('Preempted: saved step %d; rerun the same command to resume.', stop.step)
+    run.manager.close()
+    return None
+  logging.info('Final parameters sha256 %s (process %d)', params_digest(state.params), jax.process_index())
+  result = _final_evaluation(run.manager, state, history, data, config, workdir)
+  run.manager.close()
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every epoch of one run uses: its config and data, the pmapped step, where it writes."""
+  config: ml_collections.ConfigDict
+  data: input_pipeline.Data
+  workdir: epath.Path
+  manager: Any  # orbax.checkpoint.CheckpointManager of workdir/checkpoints
+  epoch_steps: int
+  train_step: Callable[[steps.TrainState, Any], tuple[steps.TrainState, metrics_lib.Metrics]]
+  writer: tf.summary.SummaryWriter | None  # TensorBoard; None on processes other than 0
+
+
+def _start(config: ml_collections.ConfigDict, workdir: epath.Path, data: input_pipeline.Data
+           ) -> tuple[Run, steps.TrainState, dict[str, Any], list[dict[str, Any]]]:
+  """The run's state (its latest checkpoint, or fresh), that checkpoint's meta, and its history.
+
+  Writes what a started run has: config.json, the model's layer table, the
+  dataset overview (first start only), history.jsonl and the curves.
+  """
   num_classes = len(data.class_names)
-  outputs = num_outputs(config, num_classes)
   epoch_steps = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
-  fresh = build_state(config, outputs, epoch_steps, np.bincount(data.train.labels, minlength=num_classes))
+  fresh = build_state(config, num_outputs(config, num_classes), epoch_steps,
+                      np.bincount(data.train.labels, minlength=num_classes))
   logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; model %s',
                data.class_names, len(data.train), len(data.val), len(data.test), epoch_steps, fresh.model)
-
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
   state, meta = checkpointing.restore_latest(manager, fresh, workdir)
   checkpointing.write_config(workdir, config)  # the run has started: data and state fit
@@ -207,83 +216,171 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   reporting.plot_curves(workdir, history)
   if meta:
     logging.info('Resumed from step %d (epoch %d done) in %s', int(state.step), meta['epoch'], workdir)
-  checkpoint_meta = lambda **kw: {'class_names': list(data.class_names),
-                                  'stored_image_size': data.stored_image_size, **kw}
-
   p_train = jax.pmap(functools.partial(steps.train_step, axis_name=AXIS), axis_name=AXIS,
                      in_axes=(None, 0), out_axes=None, donate_argnums=(0,))
   writer = tf.summary.create_file_writer(str(workdir / 'tensorboard')) if jax.process_index() == 0 else None
+  return Run(config, data, workdir, manager, epoch_steps, p_train, writer), state, meta, history
 
-  distributed.wait_for_all_processes('melanoma_jax_training_starts')
-  with preemption.PreemptionWatch(manager) as preempted:
-    for epoch in range(int(state.step) // epoch_steps + 1, config.num_epochs + 1):
-      epoch_start = time.perf_counter()
-      offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
-      total = metrics_lib.from_json(meta['partial_train_metrics']) if offset else None
-      window_start, window_step = epoch_start, offset
-      window_bad = int(total['nonfinite'][0]) if total else 0
-      batches = input_pipeline.train_batches(data.train, config, num_classes, epoch, epoch_steps, offset)
-      # Exactly the epoch's batches: asking the stream for one more would
-      # wait for tf.data to discover its end (seconds, in the first epoch).
-      for i, batch in zip(range(offset + 1, epoch_steps + 1), batches):
-        state, step_metrics = p_train(state, batch)
-        total = metrics_lib.accumulate(total, step_metrics)
-        step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
-        if i % config.log_every_steps == 0 or i == epoch_steps:
-          window_bad = _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
-                                     config.skip_nonfinite_steps, epoch_end=i == epoch_steps)
-          now = time.perf_counter()
-          _log_progress(epoch, i, epoch_steps, config, (i - window_step) * config.batch_size / (now - window_start))
-          window_start, window_step = now, i
-        if i < epoch_steps and (preempted(step) or (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
-          _check_finite(total, step, step - (i - window_step), window_bad, manager, workdir,
-                        config.skip_nonfinite_steps)
-          checkpointing.save(manager, state, checkpoint_meta(
-              epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total), history=history))
-          if preempted(step):
-            logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
-            manager.close()
-            return None
-      del batches  # its copy of the training images, before the next epoch makes another
 
-      row = {'epoch': epoch, 'step': int(state.step),
-             'lr': state.tx.current_learning_rate(state.opt_state, int(state.step))}
-      row.update(metrics_lib.summarize(total, 'train'))
-      train_seconds = time.perf_counter() - epoch_start
-      val = clinical_report.gather_predictions(state, data.val, config.batch_size)
-      row.update(val.summary('val'))
-      if not np.isfinite(row['val_loss']):
-        raise FloatingPointError(
-            f'The validation loss after epoch {epoch} is {row["val_loss"]}: the parameters diverged, '
-            f'so the epoch is not saved (last checkpoint: step {manager.latest_step()}). Lower '
-            'config.learning_rate and rerun to resume.')
-      row.update(_clinical_summary(val, data.class_names))
-      epoch_seconds = time.perf_counter() - epoch_start
-      # Training throughput; validation time is the difference of the two.
-      row.update(epoch_seconds=epoch_seconds, train_seconds=train_seconds,
-                 images_per_sec=(epoch_steps - offset) * config.batch_size / train_seconds)
-      if config.plateau.enabled:
-        state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
-      history = [*history, row]
-      # One commit: the checkpoint holds the history up to and with this epoch.
-      checkpointing.save(manager, state, checkpoint_meta(epoch=epoch, val_loss=row['val_loss'],
-                                                         history=history))
-      reporting.write_history(workdir, history)
-      reporting.write_summaries(writer, row)
-      reporting.plot_curves(workdir, history)
-      logging.info('epoch %d: %s lr=%.2e (%.1f s, %.1f images/s)', epoch, _format(row, (
-          'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
-                   row['lr'], epoch_seconds, row['images_per_sec'])
-      if preempted(int(state.step)):
-        logging.warning('Preempted after epoch %d; rerun the same command to resume.', epoch)
-        manager.close()
-        return None
+@dataclasses.dataclass(frozen=True)
+class ProgressWindow:
+  """The steps since the last progress line: its images/s and the non-finite checks cover them."""
+  after_step: int  # the global step the window starts after
+  started: float  # time.perf_counter() at that step
+  nonfinite_before: int  # the epoch's non-finite steps up to that step
 
-  logging.info('Final parameters sha256 %s (process %d)', params_digest(state.params), jax.process_index())
-  result = _final_evaluation(manager, state, history, data, config, workdir)
-  manager.close()
-  return result
+  def images_per_sec(self, step: int, now: float, batch_size: int) -> float:
+    return (step - self.after_step) * batch_size / (now - self.started)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedEpoch:
+  """The state after an epoch's steps, and the metrics summed over them."""
+  state: steps.TrainState
+  metrics: metrics_lib.Metrics  # the whole epoch's, the part done before a resume included
+  steps_run: int  # by this run: fewer than the epoch's when it resumed mid-epoch
+  started: float  # time.perf_counter() when this run began the epoch
+
+
+def _train_epoch(run: Run, state: steps.TrainState, epoch: int, partial_metrics: dict[str, Any] | None,
+                 history: list[dict[str, Any]], preempted: Callable[[int], bool]) -> TrainedEpoch:
+  """Runs the steps of `epoch` not done yet: progress lines, non-finite checks, mid-epoch checkpoints.
+
+  `partial_metrics` are the running sums a mid-epoch checkpoint saved, for
+  the epoch it resumes. Every progress line and mid-epoch checkpoint first
+  checks the steps for non-finite values. Raises Preempted once SIGTERM's
+  step is saved.
+  """
+  config, epoch_steps = run.config, run.epoch_steps
+  started = time.perf_counter()
+  offset = int(state.step) - (epoch - 1) * epoch_steps  # > 0 after a mid-epoch save
+  total = metrics_lib.from_json(partial_metrics) if offset else None
+  window = ProgressWindow(int(state.step), started, int(total['nonfinite'][0]) if total else 0)
+  batches = input_pipeline.train_batches(run.data.train, config, len(run.data.class_names), epoch,
+                                         epoch_steps, offset)
+  # Exactly the epoch's batches: asking the stream for one more would
+  # wait for tf.data to discover its end.
+  for i, batch in zip(range(offset + 1, epoch_steps + 1), batches):
+    state, step_metrics = run.train_step(state, batch)
+    total = metrics_lib.accumulate(total, step_metrics)
+    step = (epoch - 1) * epoch_steps + i  # as state.step, without waiting for the device
+    log = i % config.log_every_steps == 0 or i == epoch_steps
+    stop = i < epoch_steps and preempted(step)
+    save = stop or bool(i < epoch_steps and config.checkpoint_every_steps
+                        and step % config.checkpoint_every_steps == 0)
+    if log or save:
+      nonfinite = _check_finite(run, total, step, window, epoch_end=i == epoch_steps)
+    if log:
+      now = time.perf_counter()
+      logging.info('%s', progress_line(epoch, i, epoch_steps, config,
+                                       window.images_per_sec(step, now, config.batch_size)))
+      window = ProgressWindow(step, now, nonfinite)
+    if save:
+      _save(run, state, epoch=epoch - 1, partial_train_metrics=metrics_lib.to_json(total), history=history)
+    if stop:
+      raise Preempted(step)
+  return TrainedEpoch(state, total, epoch_steps - offset, started)
+
+
+def _end_epoch(run: Run, epoch: int, trained: TrainedEpoch, history: list[dict[str, Any]]
+               ) -> tuple[steps.TrainState, list[dict[str, Any]]]:
+  """Validates the epoch and records it: its history row, the plateau rule, the checkpoint,
+  history.jsonl, TensorBoard, the curves and a log line. Returns the state and the history."""
+  state, config = trained.state, run.config
+  train_seconds = time.perf_counter() - trained.started
+  val = clinical_report.gather_predictions(state, run.data.val, config.batch_size)
+  row = epoch_row(epoch, state, trained.metrics, val, run.data.class_names)
+  epoch_seconds = time.perf_counter() - trained.started
+  # Training throughput; validation time is the difference of the two.
+  row.update(epoch_seconds=epoch_seconds, train_seconds=train_seconds,
+             images_per_sec=trained.steps_run * config.batch_size / train_seconds)
+  if config.plateau.enabled:
+    state = state.replace(opt_state=state.tx.end_epoch(state.opt_state, row['val_loss']))
+  history = [*history, row]
+  # One commit: the checkpoint holds the history up to and with this epoch.
+  _save(run, state, epoch=epoch, val_loss=row['val_loss'], history=history)
+  reporting.write_history(run.workdir, history)
+  reporting.write_summaries(run.writer, row)
+  reporting.plot_curves(run.workdir, history)
+  logging.info('epoch %d: %s lr=%.2e (%.1f s, %.1f images/s)', epoch, _format(row, (
+      'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'val_balanced_accuracy')),
+               row['lr'], epoch_seconds, row['images_per_sec'])
+  return state, history
+
+
+def _save(run: Run, state: steps.TrainState, **meta: Any) -> None:
+  """Writes a checkpoint: the one place that does.
+
+  `meta` holds `val_loss` at an epoch's end, `partial_train_metrics` in the
+  middle of one (`epoch` is then the last finished epoch). A non-finite
+  validation loss means the parameters diverged: nothing is saved. (Mid-epoch,
+  `_check_finite` has just passed the steps.)
+  """
+  if 'val_loss' in meta and not np.isfinite(meta['val_loss']):
+    raise FloatingPointError(
+        f'The validation loss after epoch {meta["epoch"]} is {meta["val_loss"]}: the parameters '
+        f'diverged, so the epoch is not saved (last checkpoint: step {run.manager.latest_step()}). '
+        'Lower config.learning_rate and rerun to resume.')
+  checkpointing.save(run.manager, state, {'class_names': list(run.data.class_names),
+                                          'stored_image_size': run.data.stored_image_size, **meta})
+
+
+def epoch_row(epoch: int, state: steps.TrainState, train_metrics: metrics_lib.Metrics,
+              val: clinical_report.Predictions, class_names: Sequence[str]) -> dict[str, Any]:
+  """An epoch's history row, less its timings: step, learning rate, training and validation figures."""
+  step = int(state.step)
+  row = {'epoch': epoch, 'step': step, 'lr': state.tx.current_learning_rate(state.opt_state, step)}
+  row.update(metrics_lib.summarize(train_metrics, 'train'))
+  row.update(val.summary('val'))
+  # Beyond accuracy: ROC AUC, macro F1, calibration.
+  report = clinical_report.report(val.probs, val.labels, class_names)
+  row.update({'val_macro_f1': report['macro_f1'], 'val_macro_roc_auc': report['macro_roc_auc'],
+              'val_expected_calibration_error': report['expected_calibration_error'],
+              'val_melanoma_roc_auc': (report['melanoma'] or {}).get('roc_auc')})
+  return row
+
+
+def progress_line(epoch: int, i: int, epoch_steps: int, config: ml_collections.ConfigDict,
+                  images_per_sec: float) -> str:
+  """'epoch E/N step i/S: R images/s, ETA hh:mm:ss', the ETA at that rate to the run's last step."""
+  remaining = ((config.num_epochs - epoch) * epoch_steps + epoch_steps - i) * config.batch_size
+  eta = time.strftime('%H:%M:%S', time.gmtime(remaining / images_per_sec))
+  return (f'epoch {epoch}/{config.num_epochs} step {i}/{epoch_steps}: {images_per_sec:.1f} images/s, '
+          f'ETA {eta}')
+
+
+def _check_finite(run: Run, total: metrics_lib.Metrics, step: int, window: ProgressWindow,
+                  epoch_end: bool = False) -> int:
+  """Stops on a non-finite loss or gradient, naming the steps and the last good checkpoint.
+
+  Skipping (config.skip_nonfinite_steps) stops too once skipping cannot
+  help: when every step of `window` (to `step`) was non-finite and the epoch
+  has had MAX_NONFINITE_TO_SKIP of them, or at the epoch's end when all its
+  steps were. Returns the epoch's count of non-finite steps.
+  """
+  bad, steps_done = (int(x) for x in jax.device_get(total['nonfinite']))
+  if not bad:
+    return bad
+  latest = run.manager.latest_step()
+  saved = (f'nothing after the last good checkpoint was saved: step {latest} in {run.workdir / "checkpoints"}'
+           if latest is not None else 'no checkpoint was saved yet, so a rerun starts from the beginning')
+  if not run.config.skip_nonfinite_steps:
+    raise FloatingPointError(
+        f'Non-finite loss or gradient in {bad} step(s) between steps {window.after_step + 1} and '
+        f'{step}; {saved}. Lower config.learning_rate and rerun to resume, or set '
+        'config.skip_nonfinite_steps=True to skip such steps.')
+  window_all_bad = bad - window.nonfinite_before == step - window.after_step
+  if (window_all_bad and bad >= MAX_NONFINITE_TO_SKIP) or (epoch_end and bad == steps_done):
+    raise FloatingPointError(
+        f'Every step from {window.after_step + 1} to {step} had a non-finite loss or gradient ({bad} this '
+        f'epoch), so skipping them cannot get past it; {saved}. Lower config.learning_rate and '
+        'rerun to resume.')
+  logging.warning('%d non-finite step(s) skipped so far this epoch (by step %d).', bad, step)
+  return bad
+
+
+def _format(summary: dict[str, Any], keys: tuple[str, ...]) -> str:
+  return ' '.join(f'{k}={summary[k]:.4f}' for k in keys if summary.get(k) is not None)
 
 
 def _init_from_pretrained(state: steps.TrainState, config: ml_collections.ConfigDict) -> steps.TrainState:
@@ -294,7 +391,9 @@ def _init_from_pretrained(state: steps.TrainState, config: ml_collections.Config
   path = config.model.init_from
   try:
     _, pretrained = models.load_pretrained(config.model.name, path)
-    variables = models.fit_pretrained(config.model.name, pretrained, jax.device_get(state.variables))
+    with_metadata = getattr(state.model, 'uses_metadata', False)
+    fit = metadata_lib.fit_pretrained if with_metadata else models.fit_pretrained
+    variables = fit(config.model.name, pretrained, jax.device_get(state.variables))
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.init_from={path}: {e}') from None
   params = variables.pop('params')
@@ -316,14 +415,6 @@ def _warn_without_validation_melanoma(data: input_pipeline.Data) -> None:
       data.val.labels == data.class_names.index(datasets.MELANOMA)):
     logging.warning('Validation holds no melanoma: no melanoma alert threshold can be chosen, so no '
                     'operating_point.json will be written. Raise config.val_fraction or add melanoma images.')
-
-
-def _clinical_summary(val: clinical_report.Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
-  """Per-epoch validation figures beyond accuracy: ROC AUC, macro F1, calibration."""
-  report = clinical_report.report(val.probs, val.labels, class_names)
-  return {'val_macro_f1': report['macro_f1'], 'val_macro_roc_auc': report['macro_roc_auc'],
-          'val_expected_calibration_error': report['expected_calibration_error'],
-          'val_melanoma_roc_auc': (report['melanoma'] or {}).get('roc_auc')}
 
 
 def _final_evaluation(manager: Any, state: steps.TrainState, history: list[dict[str, Any]],

@@ -204,7 +204,7 @@ def test_rerun_skips_finished_folds_and_finishes_an_unfinished_one(cv_run):
 def test_runs_validating_on_different_images_are_refused(cv_run):
   workdir, _, _ = cv_run
   with pytest.raises(SystemExit, match='different validation images'):
-    evaluate.main(['--workdir', str(workdir / 'fold_0'), str(workdir / 'fold_1')])
+    evaluate.main([f'--workdir={workdir / "fold_0"}', '--workdir', str(workdir / 'fold_1')])
 
 
 def test_evaluation_tta_averages_the_eight_dihedral_views(cv_run):

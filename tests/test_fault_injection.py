@@ -235,11 +235,10 @@ def test_ambiguous_or_undecodable_groups_csv_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize('argument', ['--threshold=2', '--threshold=nan', '--threshold=-1',
                                       '--batch_size=0'])
-def test_inference_refuses_out_of_range_arguments(tmp_path, capsys, argument):
-  with pytest.raises(SystemExit) as exit_info:
+def test_inference_refuses_out_of_range_arguments(tmp_path, argument):
+  with pytest.raises(SystemExit, match=f'^Error: flag {argument.split("=")[0]}=') as exit_info:
     inference.main(['--workdir', str(tmp_path), '--output', str(tmp_path / 'p.csv'), argument, 'x.png'])
-  assert exit_info.value.code == 2
-  assert argument.split('=')[0] in capsys.readouterr().err
+  assert '\n' not in str(exit_info.value.code)  # One line; Python prints it and exits 1.
 
 
 def test_inference_csv_cells_cannot_be_formulas(tmp_path):
@@ -257,7 +256,7 @@ def test_unreadable_checkpoint_for_inference_names_it_and_the_alternatives(refer
   _truncate_arrays(workdir / 'checkpoints' / str(steps[-1]))
   with pytest.raises(SystemExit, match=rf'Checkpoint {steps[-1]} .* cannot be read .*kept steps: '
                      rf'{re.escape(str(steps))}; choose one with --step'):
-    cli.restore(cli.run_parser('').parse_args(['--workdir', str(workdir), '--step', str(steps[-1])]))
+    cli.restore(str(workdir), steps[-1])
 
 
 # --- 6. Validation before anything is written ------------------------------------------------

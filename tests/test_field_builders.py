@@ -19,6 +19,7 @@ from melanoma_jax.datasets import ham10000
 from melanoma_jax.datasets import isic2019
 from melanoma_jax.datasets import isic2020
 from melanoma_jax.datasets import preparation
+from melanoma_jax.datasets import preparation_cache
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -259,9 +260,9 @@ import sys, time
 import tensorflow_datasets as tfds
 from melanoma_jax.datasets import isic2020, preparation
 decode = preparation.decode_image
-def slow(path, size):
+def slow(path, size, *options):
   time.sleep(0.5)
-  return decode(path, size)
+  return decode(path, size, *options)
 preparation.decode_image = slow
 builder = tfds.builder('isic2020', data_dir=sys.argv[1],
                        config=preparation.FolderConfig(name='8px', image_size=8))
@@ -269,25 +270,36 @@ builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual
 '''
 
 
-def test_killed_preparation_restarts_cleanly(isic_2020, tmp_path):
-  """kill -9 mid-preparation; the next preparation removes what it left and completes."""
+def test_killed_preparation_restarts_cleanly(isic_2020, tmp_path, monkeypatch):
+  """kill -9 mid-preparation; the next preparation removes what it left, decodes only the
+  images the killed one had not, and completes."""
   import os, signal, subprocess, sys, time  # pylint: disable=import-outside-toplevel,multiple-imports
   manual_dir = isic_2020.preparation_report()['root']
   process = subprocess.Popen([sys.executable, '-c', _KILLED_PREPARATION, str(tmp_path), manual_dir],
                              env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   config_dir = tmp_path / 'isic2020' / '8px'
+  cached = lambda: [p for p in config_dir.glob(f'{preparation_cache.FOLDER_PREFIX}*/*/*')
+                    if '.' not in p.name]  # Not the temporary files.
   deadline = time.time() + 120
-  while not list(config_dir.glob('incomplete.*/preparing.json')) and time.time() < deadline:
+  while not (list(config_dir.glob('incomplete.*/preparing.json')) and cached()) and time.time() < deadline:
     assert process.poll() is None, 'the preparation ended before it could be killed'
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert len(list(config_dir.glob('incomplete.*'))) == 1
+  kept = len(cached())
+  decode, calls = preparation.decode_image, []
+  monkeypatch.setattr(preparation, 'decode_image',
+                      lambda path, *args: calls.append(path) or decode(path, *args))
+  _prepare('isic2020', tmp_path / 'uninterrupted', pathlib.Path(manual_dir))
+  decoded_uninterrupted = len(calls)
+  calls.clear()
   # Leftovers of a live process or of another host are not touched.
   alive = config_dir / 'incomplete.ALIVE0_1.0.0'
   alive.mkdir()
   (alive / 'preparing.json').write_text(f'{{"host": "{os.uname().nodename}", "pid": {os.getpid()}}}')
   builder = _prepare('isic2020', tmp_path, pathlib.Path(manual_dir))
+  assert 1 <= kept and len(calls) == decoded_uninterrupted - kept
   assert builder.info.splits['train'].num_examples == 6
   assert sorted(p.name for p in config_dir.iterdir()) == ['1.0.0', alive.name]
   assert not list((config_dir / '1.0.0').glob('*preparing*'))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_jax import calibration, clinical_report, evaluate, inference, ood, plots, saliency, steps, train
+from melanoma_jax import (calibration, cli, clinical_report, evaluate, inference, ood, plots,
+                          preprocessing, saliency, steps, train)
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +75,34 @@ def test_predict_gives_every_file_a_row_and_the_corrupt_one_its_error(run, tmp_p
       assert row['melanoma_alert'] == '' and row['refused']
     else:
       assert row['melanoma_alert'] == ('yes' if float(row['p_melanoma']) >= threshold else 'no')
+
+
+@pytest.mark.parametrize('tta', [False, True])
+def test_overlapped_batches_predict_as_one_image_at_a_time(run, restored, tmp_path, tta):
+  """Decoding threads, padding of the last batch and one program for model and refusal change nothing."""
+  state, config, meta = restored
+  stored_size, detector = cli.stored_image_size(config, meta), ood.read(run)
+  rng = np.random.default_rng(4)
+  files = []
+  for i, shape in enumerate([(40, 50, 3), (64, 64, 3), (33, 20, 3), (80, 60, 3), (25, 25, 3)]):
+    files.append(tmp_path / f'{i}.jpg')
+    Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(files[-1])
+  corrupt = tmp_path / 'corrupt.jpg'
+  corrupt.write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  files.insert(2, corrupt)  # 6 files in batches of 4: the second is padded
+  results = list(inference.predict_files(state, files, config.image_size, 4, tta, stored_size,
+                                         detector=detector, workers=3))
+  assert [path for path, *_ in results] == files
+  with pytest.raises(preprocessing.UnreadableImageError) as unreadable:
+    preprocessing.model_input(corrupt, stored_size, config.image_size)
+  assert results[2][1:] == (None, str(unreadable.value), None)
+  predict = steps.predict_tta if tta else steps.predict
+  for path, probs, error, score in results[:2] + results[3:]:
+    image = preprocessing.model_input(path, stored_size, config.image_size)[None]
+    assert error is None
+    np.testing.assert_allclose(probs, predict(state, image)[0], rtol=1e-5, atol=1e-6)
+    expected = ood.score_features(*ood.features_and_logits(state, image), detector)[0]
+    assert score == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_tta_averages_the_eight_flips_and_rotations(restored):

@@ -1,10 +1,12 @@
 """A file gets the same pixels, and the same probabilities, in training, evaluation and prediction."""
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from melanoma_jax import clinical_report, evaluate, inference, input_pipeline, preprocessing, train
@@ -14,17 +16,26 @@ STORED = 256  # image_folder's stored size
 IMAGE_SIZE = 40
 
 
+# The winners' preprocessing (config.preprocess), which the end-to-end test trains with.
+OPTIONS = preprocessing.Preprocess(crop_border=True, color_constancy=True, aspect='pad')
+
+
 def _tree(root, per_split):
-  """Images of assorted sizes and modes (down- and upscaled, grayscale, RGBA, JPEG and PNG)."""
+  """Images of assorted sizes and modes (down- and upscaled, grayscale, RGBA, JPEG and PNG,
+  inside a dermoscope's dark circle)."""
   rng = np.random.default_rng(0)
-  shapes = [(300, 280, 3), (60, 90, 3), (257, 257, 4), (120, 100)]
+  shapes = [(300, 280, 3), (60, 90, 3), (257, 257, 4), (120, 100), (240, 320, 3)]
   for split, n in per_split.items():
     for c, name in enumerate(CLASSES):
       (root / split / name).mkdir(parents=True)
       for i in range(n):
         shape = shapes[(c + i) % len(shapes)]
         # Smooth blobs plus noise: something for LANCZOS and the antialiasing to act on.
-        image = Image.fromarray(rng.integers(0, 256, shape, np.uint8))
+        pixels = rng.integers(0, 256, shape, np.uint8)
+        if shape == shapes[-1]:
+          y, x = np.mgrid[:shape[0], :shape[1]]
+          pixels[np.hypot(y - 120, x - 160) > 110] //= 16
+        image = Image.fromarray(pixels)
         ext = '.png' if len(shape) == 3 and shape[2] == 4 else '.jpg'
         image.save(root / split / name / f'{name[:3]}_{i}{ext}')
 
@@ -39,21 +50,30 @@ def folder_config(tiny_config, tmp_path_factory):
   config.data_dir = str(tmp_path_factory.mktemp('tfds'))
   config.image_size = IMAGE_SIZE
   config.num_epochs = 1
+  config.preprocess.update(dataclasses.asdict(OPTIONS))
   return config
 
 
-def test_a_file_becomes_the_pixels_training_reads_for_it(folder_config):
-  builder = input_pipeline.prepared_builder(folder_config)
+@pytest.mark.parametrize('options', [preprocessing.Preprocess(), OPTIONS], ids=['default', 'options'])
+def test_a_file_becomes_the_pixels_training_reads_for_it(folder_config, options):
+  config = folder_config.copy_and_resolve_references()
+  config.preprocess.update(dataclasses.asdict(options))
+  builder = input_pipeline.prepared_builder(config)
   assert builder.info.features['image'].shape[0] == STORED
+  assert epath.Path(builder.data_path).parent.name == options.config_name(STORED)  # Its own data.
   stored = list(tfds.as_numpy(builder.as_dataset(split='test', shuffle_files=False)))
-  data = input_pipeline.load_data(folder_config)
+  data = input_pipeline.load_data(config)
   assert data.stored_image_size == STORED
-  root = folder_config.manual_dir
+  root = config.manual_dir
   for example, trained_on in zip(stored, data.test.images):
     path = f'{root}/{example["file_name"].decode()}'
     # Step 1 gives what the builder stored (PNG is lossless), both steps what training read.
-    np.testing.assert_array_equal(preprocessing.decode_image(path, STORED).pixels, example['image'])
-    np.testing.assert_array_equal(preprocessing.model_input(path, STORED, IMAGE_SIZE), trained_on)
+    np.testing.assert_array_equal(preprocessing.decode_image(path, STORED, options).pixels,
+                                  example['image'])
+    np.testing.assert_array_equal(preprocessing.model_input(path, STORED, IMAGE_SIZE, options),
+                                  trained_on)
+  if options.crop_border:
+    assert 'dermoscope border cropped' in builder.preparation_report()['conversions']
 
 
 def _read_csv(path):
@@ -63,6 +83,7 @@ def _read_csv(path):
 
 
 def test_inference_on_the_test_files_equals_evaluate_on_the_test_split(folder_config, tmp_path):
+  """With the run's preprocessing options, which inference reads from the run."""
   workdir = tmp_path / 'run'
   train.train_and_evaluate(folder_config, str(workdir))
   evaluate.main(['--workdir', str(workdir), '--split', 'test', '--output_dir', str(tmp_path / 'eval')])

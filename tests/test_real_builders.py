@@ -18,6 +18,7 @@ from melanoma_jax.datasets import folder_layout
 from melanoma_jax.datasets import groups_csv
 from melanoma_jax.datasets import isic_skin_cancer
 from melanoma_jax.datasets import preparation
+from melanoma_jax.datasets import preparation_cache
 
 SIZE = 8  # Stored resolution in these tests: small keeps them fast.
 UNICODE_NAME = 'naevus Zürich ünïcode.jpg'
@@ -304,12 +305,12 @@ def test_failed_preparation_leaves_nothing_behind(isic_archive, tmp_path, monkey
   train_files = 2 * 9 + len(SPECIAL_FILES) - 1  # All but notes.txt get decoded.
   calls = []
 
-  def decode_then_fail(path, size):
+  def decode_then_fail(path, size, *options):
     """Fails in the test split, after train is written and shuffled."""
     calls.append(path)
     if len(calls) > train_files + 3:
       raise RuntimeError('disk on fire')
-    return decode(path, size)
+    return decode(path, size, *options)
 
   monkeypatch.setattr(preparation, 'decode_image', decode_then_fail)
   builder = tfds.builder('isic_skin_cancer', data_dir=tmp_path, config=_small_config())
@@ -319,8 +320,10 @@ def test_failed_preparation_leaves_nothing_behind(isic_archive, tmp_path, monkey
   assert calls[train_files + 3].parent.parent.name == 'Test'
   assert not builder.is_prepared()
   assert not builder.data_path.exists()
-  # Only TFDS's default-config marker (written before generation) remains.
-  left = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()]
+  # Only TFDS's default-config marker (written before generation) remains, and the images
+  # decoded so far, for the next preparation to resume from (`preparation_cache`).
+  left = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()
+          and preparation_cache.FOLDER_PREFIX not in p.as_posix()]
   assert left == ['isic_skin_cancer/.config/metadata.json']
 
 

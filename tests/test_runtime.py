@@ -18,6 +18,20 @@ def test_flags_only_for_measured_jaxlib_releases():
   assert runtime.cpu_xla_flags('1.0.0') == ()
 
 
+def test_a_jaxlib_without_measured_flags_is_named_in_a_warning(monkeypatch, caplog):
+  assert runtime.slow_path_warning('0.10.2') is None and runtime.slow_path_warning(None) is None
+  for version in ('0.11.2', '0.4.38', 'unknown'):
+    warning = runtime.slow_path_warning(version)
+    assert f'jaxlib {version}:' in warning and 'measured on jaxlib 0.10 only' in warning
+    assert 'training on a CPU is slower' in warning and 'conv_impl=auto' in warning
+  monkeypatch.setattr(runtime, '_jaxlib_version', lambda: '0.11.2')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  runtime.configure()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+      runtime.slow_path_warning('0.11.2')]
+
+
 def test_user_flags_win_and_others_are_kept():
   current = '--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type=dot'
   merged = runtime.with_xla_flags(current, ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_other=1'))

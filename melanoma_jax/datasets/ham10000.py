@@ -16,7 +16,6 @@ import tensorflow_datasets as tfds
 
 from melanoma_jax import errors
 from melanoma_jax.datasets import folder_layout
-from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -27,12 +26,11 @@ TEST_GROUND_TRUTH = 'ISIC2018_Task3_Test_GroundTruth.csv'
 COLUMNS = ('lesion_id', 'image_id', 'dx', 'dx_type', 'age', 'sex', 'localization')
 
 
-class Ham10000(preparation.FolderBuilder):
+class Ham10000(tables.CsvBuilder):
   """HAM10000: 10,015 dermoscopic images of 7 diagnoses, with lesion ids and patient metadata."""
 
   HOMEPAGE = 'https://doi.org/10.7910/DVN/DBW86T'
-  METADATA = True
-  TEST_FROM_TRAIN = True
+  VOCABULARY = vocabulary.HAM10000
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 HAM10000 is a manual download: Harvard Dataverse (doi:10.7910/DVN/DBW86T) or
 Kaggle ("kmader/skin-cancer-mnist-ham10000"). Extract it and give the folder
@@ -46,15 +44,11 @@ Optional, for a Test split, the ISIC 2018 Task 3 test set (challenge.isic-archiv
     {TEST_GROUND_TRUTH}   (columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC)
 """
 
-  def _class_names(self) -> tuple[str, ...]:
-    return vocabulary.common_classes(vocabulary.HAM10000.values())
-
   def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
-    metadata_csv = tables.find(tables.manual_dir(dl_manager), METADATA_CSV, help_text)
+    metadata_csv = tables.find_main_csv(dl_manager, METADATA_CSV, help_text)
     root = metadata_csv.parent
-    folders = [tables.find(root, name, help_text, want_dir=True, depth=1) for name in IMAGE_FOLDERS]
-    images, skipped = tables.index_images(folders, root)
+    images, skipped = tables.index_folders(root, IMAGE_FOLDERS, help_text, depth=1)
     rows, malformed = tables.read_csv(metadata_csv, COLUMNS)
 
     def record(row: tables.Row, path: epath.Path, file_name: str) -> folder_layout.ImageRecord:

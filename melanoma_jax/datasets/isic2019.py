@@ -16,7 +16,6 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets import folder_layout
-from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -26,12 +25,11 @@ METADATA_CSV = 'ISIC_2019_Training_Metadata.csv'
 METADATA_COLUMNS = ('image', 'age_approx', 'anatom_site_general', 'lesion_id', 'sex')
 
 
-class Isic2019(preparation.FolderBuilder):
+class Isic2019(tables.CsvBuilder):
   """ISIC 2019 training set: 25,331 dermoscopic images of 8 diagnoses, with lesion ids and metadata."""
 
   HOMEPAGE = 'https://challenge.isic-archive.com/data/#2019'
-  METADATA = True
-  TEST_FROM_TRAIN = True
+  VOCABULARY = vocabulary.ISIC2019
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 ISIC 2019 is a manual download from https://challenge.isic-archive.com/data/#2019
 (Training Data, Training Metadata, Training Ground Truth). Extract the images and
@@ -43,16 +41,12 @@ gs://) as the manual_dir:
     {METADATA_CSV}   (columns {', '.join(METADATA_COLUMNS)})
 """
 
-  def _class_names(self) -> tuple[str, ...]:
-    return vocabulary.common_classes(vocabulary.ISIC2019.values())
-
   def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
-    ground_truth = tables.find(tables.manual_dir(dl_manager), GROUND_TRUTH_CSV, help_text)
+    ground_truth = tables.find_main_csv(dl_manager, GROUND_TRUTH_CSV, help_text)
     root = ground_truth.parent
     metadata_csv = tables.find(root, METADATA_CSV, help_text, depth=0)
-    folder = tables.find(root, IMAGE_FOLDER, help_text, want_dir=True, depth=0)
-    images, skipped = tables.index_images([folder], root)
+    images, skipped = tables.index_folders(root, [IMAGE_FOLDER], help_text, depth=0)
     label_rows, malformed = tables.read_csv(ground_truth, ('image', *vocabulary.ISIC2019, 'UNK'))
     metadata_rows, malformed_metadata = tables.read_csv(metadata_csv, METADATA_COLUMNS)
     metadata = {}

@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 
 from melanoma_jax import errors
 from melanoma_jax.datasets import folder_layout
-from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import tables
 from melanoma_jax.datasets import vocabulary
 
@@ -55,12 +54,11 @@ def duplicate_owners(pairs: list[tables.Row], order: list[str]) -> dict[str, str
   return owners
 
 
-class Isic2020(preparation.FolderBuilder):
+class Isic2020(tables.CsvBuilder):
   """SIIM-ISIC 2020 training set: 33,126 images, 1.8% melanoma, with patient ids and metadata."""
 
   HOMEPAGE = 'https://challenge.isic-archive.com/data/#2020'
-  METADATA = True
-  TEST_FROM_TRAIN = True
+  VOCABULARY = vocabulary.ISIC2020
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 SIIM-ISIC 2020 is a manual download: Kaggle competition
 "siim-isic-melanoma-classification" (train.csv and jpeg/train/ are enough) and,
@@ -73,9 +71,6 @@ the manual_dir:
     {DUPLICATES_CSV}   (columns image_name_1, image_name_2; optional but recommended)
 """
 
-  def _class_names(self) -> tuple[str, ...]:
-    return vocabulary.common_classes(vocabulary.ISIC2020.values())
-
   def _image_folder(self, root: epath.Path) -> epath.Path:
     for name in IMAGE_FOLDERS:
       folder = root / name
@@ -87,7 +82,7 @@ the manual_dir:
 
   def _scan(self, dl_manager: tfds.download.DownloadManager) -> folder_layout.FolderTree:
     help_text = self.MANUAL_DOWNLOAD_INSTRUCTIONS
-    train_csv = tables.find(tables.manual_dir(dl_manager), TRAIN_CSV, help_text)
+    train_csv = tables.find_main_csv(dl_manager, TRAIN_CSV, help_text)
     root = train_csv.parent
     images, skipped = tables.index_images([self._image_folder(root)], root)
     rows, malformed = tables.read_csv(train_csv, COLUMNS)

@@ -9,6 +9,7 @@ import abc
 import collections
 from concurrent import futures
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -21,6 +22,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from melanoma_jax import preprocessing
+from melanoma_jax.datasets import preparation_cache
 from melanoma_jax.datasets.features import lesion_features
 from melanoma_jax.datasets.folder_layout import FolderTree, ImageRecord, Skipped
 from melanoma_jax.datasets.groups_csv import match_groups, read_groups_csv
@@ -88,6 +91,19 @@ class FolderConfig(tfds.core.BuilderConfig):
   """Stored resolution and optional groups CSV; the name must tell configs apart."""
   image_size: int = DEFAULT_IMAGE_SIZE
   groups_csv: str | None = None
+  preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
+
+
+@functools.cache
+def _preprocessed_config(name: str) -> 'FolderConfig | None':
+  """The config a `Preprocess.config_name` with options names (one object per name, as TFDS
+  wants); None for other names, so FolderConfig(name='224px', ...) stays the user's own."""
+  parsed = preprocessing.parse_config_name(name)
+  if parsed is None or not parsed[1].tag:
+    return None
+  size, options = parsed
+  return FolderConfig(name=name, image_size=size, preprocess=options,
+                      description=f'Images stored at {size}x{size}, preprocessed: {options}.')
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -115,10 +131,11 @@ def encode_png(pixels: np.ndarray) -> bytes:
           + _png_chunk(b'IEND', b''))
 
 
-def _decode_and_encode(path: epath.Path, image_size: int
+def _decode_and_encode(path: epath.Path, image_size: int,
+                       preprocess: preprocessing.Preprocess = preprocessing.Preprocess()
                        ) -> tuple[DecodedImage, bytes] | UnreadableImageError:
   try:
-    decoded = decode_image(path, image_size)
+    decoded = decode_image(path, image_size, preprocess)
   except UnreadableImageError as error:
     return error
   return decoded, encode_png(decoded.pixels)
@@ -214,6 +231,11 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _scan(self, dl_manager: tfds.download.DownloadManager) -> FolderTree:
     """Finds and checks the tree to prepare."""
 
+  @classmethod
+  def get_builder_config(cls, name: str, version: Any = None) -> FolderConfig | None:
+    """Also '<size>px[_<options>]', a stored size with `preprocessing.Preprocess` options."""
+    return super().get_builder_config(name, version) or _preprocessed_config(name)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -229,6 +251,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     config = self.builder_config
     groups = None if config.groups_csv is None else read_groups_csv(config.groups_csv)
     self._report = PreparationReport(self.name, tree, config.image_size, config.groups_csv)
+    preparation_cache.PreparationCache.for_builder(self).log_resumption(self.name)
     return {split: self._generate_examples(split, records, None if groups is None else match_groups(
         [r.file_name for r in records], groups, f'Groups CSV {config.groups_csv}'))
             for split, records in tree.splits.items()}
@@ -236,16 +259,17 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str, records: Sequence[ImageRecord],
                          groups: Mapping[str, str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """`groups`: file name -> group of the images the groups CSV names (None: no CSV)."""
-    size = self.builder_config.image_size
-    results = parallel_map(lambda record: _decode_and_encode(record.path, size), records,
-                           PREPARE_THREADS)
+    size, preprocess = self.builder_config.image_size, self.builder_config.preprocess
+    cache = preparation_cache.PreparationCache.for_builder(self)  # Resumes a killed preparation.
+    results = parallel_map(lambda record: cache.get(record.path, lambda: _decode_and_encode(
+        record.path, size, preprocess)), records, PREPARE_THREADS)
     for record, result in zip(records, results):
       if isinstance(result, UnreadableImageError):
         self._report.skip(record.file_name, str(result))
         continue
-      decoded, png = result
+      conversions, png = result
       in_csv = groups is not None and record.file_name in groups
-      self._report.add(split, record.class_name, decoded.conversions, in_csv)
+      self._report.add(split, record.class_name, conversions, in_csv)
       yield record.file_name, {
           'image': png,
           'label': record.class_name,
@@ -262,6 +286,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         logging.info('Removed %d folder(s) left by interrupted preparations: %s',
                      len(removed), removed)
     super().download_and_prepare(*args, **kwargs)
+    preparation_cache.PreparationCache.for_builder(self).clear()  # Prepared: nothing to resume.
 
   def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
                             download_config: tfds.download.DownloadConfig) -> None:

@@ -40,11 +40,16 @@ _MIN_RENDER_SIZE = 64
 
 _Rgb = tuple[float, float, float]
 
+# Pigment, darkest first, and the blue-grey of deep pigment.
 _BLACK = (0.14, 0.10, 0.09)
 _DARK_BROWN = (0.33, 0.20, 0.14)
 _MID_BROWN = (0.52, 0.33, 0.22)
 _LIGHT_BROWN = (0.70, 0.50, 0.36)
 _BLUE_GREY = (0.42, 0.47, 0.58)
+# Extra colours of multicoloured (melanoma-like) lesions.
+_ATYPICAL_PALETTE = np.array(
+    [_BLACK, _BLUE_GREY, _LIGHT_BROWN, _DARK_BROWN, (0.62, 0.28, 0.24)], np.float32)
+# Colours of particular structures.
 _VEIL = (0.60, 0.66, 0.76)
 _SCAR_WHITE = (0.93, 0.88, 0.85)
 _KERATIN = (0.93, 0.88, 0.74)
@@ -52,10 +57,6 @@ _CRUST = (0.42, 0.20, 0.13)
 _VESSEL_RED = (0.72, 0.10, 0.16)
 _LACUNA_PURPLE = (0.38, 0.08, 0.18)
 _PINK = (0.90, 0.58, 0.56)
-_HAIR = (0.12, 0.08, 0.07)
-# Extra colours of multicoloured (melanoma-like) lesions.
-_ATYPICAL_PALETTE = np.array(
-    [_BLACK, _BLUE_GREY, _LIGHT_BROWN, _DARK_BROWN, (0.62, 0.28, 0.24)], np.float32)
 
 # Skin tones (RGB in [0, 1]) and how often each is drawn; mostly fair, as in ISIC.
 _SKIN_TONES = np.array([
@@ -63,6 +64,8 @@ _SKIN_TONES = np.array([
     (0.79, 0.59, 0.47), (0.67, 0.48, 0.37), (0.53, 0.37, 0.28),
 ], np.float32)
 _SKIN_TONE_WEIGHTS = np.array([0.3, 0.3, 0.2, 0.12, 0.06, 0.02])
+# Hair drawn over some images (see `_add_nuisances`).
+_HAIR = (0.12, 0.08, 0.07)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,26 +87,26 @@ class _Profile:
   mottle: float  # Amplitude of the body's texture.
   multicolor: float  # Expected share of 3 extra atypical colour patches.
   halo: float  # Pink erythema around the lesion.
-  network: float = 0.0  # Pigment network (reticular lines).
-  network_width: float = 0.4  # 0.3 delicate ... 0.7 thick.
-  network_atypia: float = 0.0  # 0 regular ... 1 patchy, thick and warped.
-  dots: float = 0.0  # Dark dots and globules.
-  dots_peripheral: float = 0.0  # 0 spread evenly ... 1 at the rim.
-  streaks: float = 0.0  # Radial streaks at the rim.
-  veil: float = 0.0  # Blue-white veil.
-  regression: float = 0.0  # White scar-like areas with grey peppering.
-  central_scar: float = 0.0  # Central white patch (dermatofibroma).
-  ridges: float = 0.0  # Cerebriform fissures and ridges.
-  fingerprint: float = 0.0  # Parallel fingerprint-like lines.
-  milia: float = 0.0  # White milia-like cysts.
-  comedos: float = 0.0  # Dark comedo-like openings.
-  lacunae: float = 0.0  # Red-purple lacunae with pale septa.
-  arborizing: float = 0.0  # Branching red vessels.
-  dotted_vessels: float = 0.0  # Dotted / glomerular red vessels.
-  nests: float = 0.0  # Blue-grey ovoid nests.
-  keratin: float = 0.0  # White-yellow scale or keratin mass.
-  crust: float = 0.0  # Haemorrhagic crust or ulceration.
-  follicles: float = 0.0  # White follicular openings (strawberry pattern).
+  network: float  # Pigment network (reticular lines).
+  network_width: float  # 0.3 delicate ... 0.7 thick.
+  network_atypia: float  # 0 regular ... 1 patchy, thick and warped.
+  dots: float  # Dark dots and globules.
+  dots_peripheral: float  # 0 spread evenly ... 1 at the rim.
+  streaks: float  # Radial streaks at the rim.
+  veil: float  # Blue-white veil.
+  regression: float  # White scar-like areas with grey peppering.
+  central_scar: float  # Central white patch (dermatofibroma).
+  ridges: float  # Cerebriform fissures and ridges.
+  fingerprint: float  # Parallel fingerprint-like lines.
+  milia: float  # White milia-like cysts.
+  comedos: float  # Dark comedo-like openings.
+  lacunae: float  # Red-purple lacunae with pale septa.
+  arborizing: float  # Branching red vessels.
+  dotted_vessels: float  # Dotted / glomerular red vessels.
+  nests: float  # Blue-grey ovoid nests.
+  keratin: float  # White-yellow scale or keratin mass.
+  crust: float  # Haemorrhagic crust or ulceration.
+  follicles: float  # White follicular openings (strawberry pattern).
 
   def blend(self, other: '_Profile', weight: float) -> '_Profile':
     """The profile `weight` of the way towards `other`."""
@@ -115,57 +118,59 @@ class _Profile:
     return _Profile(**values)
 
 
-_PROFILES = {
-    'actinic keratosis': _Profile(
-        size=0.55, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.2,
-        opacity=0.5, color=(0.86, 0.50, 0.48), center_color=(0.80, 0.40, 0.40), center=0.1,
-        mottle=0.15, multicolor=0.0, halo=0.5, network=0.85, network_width=0.6,
-        network_atypia=0.3, dots=0.05, follicles=0.9, keratin=0.3, dotted_vessels=0.2,
-        crust=0.05),
-    'basal cell carcinoma': _Profile(
-        size=0.50, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.05,
-        opacity=0.7, color=(0.90, 0.70, 0.68), center_color=(0.85, 0.58, 0.58), center=0.1,
-        mottle=0.1, multicolor=0.0, halo=0.1, arborizing=0.9, nests=0.6, crust=0.25,
-        regression=0.2, dotted_vessels=0.05, keratin=0.03),
-    'dermatofibroma': _Profile(
-        size=0.40, elongation=0.3, asymmetry=0.05, irregularity=0.03, softness=0.14,
-        opacity=0.7, color=(0.68, 0.47, 0.38), center_color=_LIGHT_BROWN, center=0.0,
-        mottle=0.08, multicolor=0.0, halo=0.4, network=0.85, network_width=0.3,
-        network_atypia=0.1, dots=0.05, central_scar=0.9),
-    'melanoma': _Profile(
-        size=0.62, elongation=0.35, asymmetry=0.16, irregularity=0.09, softness=0.06,
-        opacity=0.95, color=(0.42, 0.26, 0.18), center_color=_BLACK, center=0.3,
-        mottle=0.15, multicolor=0.85, halo=0.05, network=0.55, network_width=0.6,
-        network_atypia=0.8, dots=0.6, dots_peripheral=0.6, streaks=0.45, veil=0.5,
-        regression=0.4, ridges=0.03, comedos=0.03, dotted_vessels=0.1, nests=0.05),
-    'nevus': _Profile(
-        size=0.50, elongation=0.25, asymmetry=0.04, irregularity=0.025, softness=0.10,
-        opacity=0.9, color=_MID_BROWN, center_color=_DARK_BROWN, center=0.5,
-        mottle=0.08, multicolor=0.03, halo=0.0, network=0.65, network_width=0.35,
-        network_atypia=0.1, dots=0.4, dots_peripheral=0.3, streaks=0.02, veil=0.02,
-        regression=0.02, ridges=0.03, milia=0.02),
-    'pigmented benign keratosis': _Profile(
-        size=0.55, elongation=0.4, asymmetry=0.10, irregularity=0.10, softness=0.04,
-        opacity=0.7, color=_LIGHT_BROWN, center_color=_MID_BROWN, center=0.15,
-        mottle=0.15, multicolor=0.05, halo=0.0, network=0.2, network_width=0.45,
-        network_atypia=0.3, dots=0.1, dots_peripheral=0.2, regression=0.05, ridges=0.15,
-        fingerprint=0.75, milia=0.1, comedos=0.1),
-    'seborrheic keratosis': _Profile(
-        size=0.55, elongation=0.35, asymmetry=0.08, irregularity=0.06, softness=0.025,
-        opacity=0.9, color=(0.50, 0.34, 0.24), center_color=_DARK_BROWN, center=0.2,
-        mottle=0.2, multicolor=0.05, halo=0.0, network=0.05, dots=0.05, regression=0.03,
-        ridges=0.8, fingerprint=0.1, milia=0.85, comedos=0.75, keratin=0.1),
-    'squamous cell carcinoma': _Profile(
-        size=0.50, elongation=0.3, asymmetry=0.10, irregularity=0.07, softness=0.07,
-        opacity=0.85, color=(0.84, 0.46, 0.44), center_color=_KERATIN, center=0.6,
-        mottle=0.15, multicolor=0.0, halo=0.3, network=0.05, network_width=0.5,
-        network_atypia=0.3, dotted_vessels=0.8, keratin=0.9, crust=0.5, follicles=0.1),
-    'vascular lesion': _Profile(
-        size=0.38, elongation=0.3, asymmetry=0.06, irregularity=0.05, softness=0.04,
-        opacity=0.95, color=(0.72, 0.18, 0.24), center_color=_LACUNA_PURPLE, center=0.35,
-        mottle=0.2, multicolor=0.0, halo=0.1, lacunae=0.95, veil=0.05, regression=0.03,
-        crust=0.03),
+# The classes' profiles, a column a class (in ISIC_CLASSES order) and a row a
+# `_Profile` field: AK actinic keratosis, BCC basal cell carcinoma, DF
+# dermatofibroma, MEL melanoma, NV nevus, BKL pigmented benign keratosis, SK
+# seborrheic keratosis, SCC squamous cell carcinoma, VASC vascular lesion.
+_PROFILE_TABLE = {
+    #                   AK     BCC    DF     MEL    NV     BKL    SK     SCC    VASC
+    'size':            (0.55,  0.50,  0.40,  0.62,  0.50,  0.55,  0.55,  0.50,  0.38),
+    'elongation':      (0.40,  0.35,  0.30,  0.35,  0.25,  0.40,  0.35,  0.30,  0.30),
+    'asymmetry':       (0.10,  0.08,  0.05,  0.16,  0.04,  0.10,  0.08,  0.10,  0.06),
+    'irregularity':    (0.10,  0.06,  0.03,  0.09,  0.025, 0.10,  0.06,  0.07,  0.05),
+    'softness':        (0.20,  0.05,  0.14,  0.06,  0.10,  0.04,  0.025, 0.07,  0.04),
+    'opacity':         (0.50,  0.70,  0.70,  0.95,  0.90,  0.70,  0.90,  0.85,  0.95),
+    'center':          (0.10,  0.10,  0.00,  0.30,  0.50,  0.15,  0.20,  0.60,  0.35),
+    'mottle':          (0.15,  0.10,  0.08,  0.15,  0.08,  0.15,  0.20,  0.15,  0.20),
+    'multicolor':      (0.00,  0.00,  0.00,  0.85,  0.03,  0.05,  0.05,  0.00,  0.00),
+    'halo':            (0.50,  0.10,  0.40,  0.05,  0.00,  0.00,  0.00,  0.30,  0.10),
+    'network':         (0.85,  0.00,  0.85,  0.55,  0.65,  0.20,  0.05,  0.05,  0.00),
+    'network_width':   (0.60,  0.40,  0.30,  0.60,  0.35,  0.45,  0.40,  0.50,  0.40),
+    'network_atypia':  (0.30,  0.00,  0.10,  0.80,  0.10,  0.30,  0.00,  0.30,  0.00),
+    'dots':            (0.05,  0.00,  0.05,  0.60,  0.40,  0.10,  0.05,  0.00,  0.00),
+    'dots_peripheral': (0.00,  0.00,  0.00,  0.60,  0.30,  0.20,  0.00,  0.00,  0.00),
+    'streaks':         (0.00,  0.00,  0.00,  0.45,  0.02,  0.00,  0.00,  0.00,  0.00),
+    'veil':            (0.00,  0.00,  0.00,  0.50,  0.02,  0.00,  0.00,  0.00,  0.05),
+    'regression':      (0.00,  0.20,  0.00,  0.40,  0.02,  0.05,  0.03,  0.00,  0.03),
+    'central_scar':    (0.00,  0.00,  0.90,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00),
+    'ridges':          (0.00,  0.00,  0.00,  0.03,  0.03,  0.15,  0.80,  0.00,  0.00),
+    'fingerprint':     (0.00,  0.00,  0.00,  0.00,  0.00,  0.75,  0.10,  0.00,  0.00),
+    'milia':           (0.00,  0.00,  0.00,  0.00,  0.02,  0.10,  0.85,  0.00,  0.00),
+    'comedos':         (0.00,  0.00,  0.00,  0.03,  0.00,  0.10,  0.75,  0.00,  0.00),
+    'lacunae':         (0.00,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00,  0.95),
+    'arborizing':      (0.00,  0.90,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00),
+    'dotted_vessels':  (0.20,  0.05,  0.00,  0.10,  0.00,  0.00,  0.00,  0.80,  0.00),
+    'nests':           (0.00,  0.60,  0.00,  0.05,  0.00,  0.00,  0.00,  0.00,  0.00),
+    'keratin':         (0.30,  0.03,  0.00,  0.00,  0.00,  0.00,  0.10,  0.90,  0.00),
+    'crust':           (0.05,  0.25,  0.00,  0.00,  0.00,  0.00,  0.00,  0.50,  0.03),
+    'follicles':       (0.90,  0.00,  0.00,  0.00,  0.00,  0.00,  0.00,  0.10,  0.00),
 }
+# Their body and centre colours.
+_COLORS = {
+    'actinic keratosis': ((0.86, 0.50, 0.48), (0.80, 0.40, 0.40)),
+    'basal cell carcinoma': ((0.90, 0.70, 0.68), (0.85, 0.58, 0.58)),
+    'dermatofibroma': ((0.68, 0.47, 0.38), _LIGHT_BROWN),
+    'melanoma': ((0.42, 0.26, 0.18), _BLACK),
+    'nevus': (_MID_BROWN, _DARK_BROWN),
+    'pigmented benign keratosis': (_LIGHT_BROWN, _MID_BROWN),
+    'seborrheic keratosis': ((0.50, 0.34, 0.24), _DARK_BROWN),
+    'squamous cell carcinoma': ((0.84, 0.46, 0.44), _KERATIN),
+    'vascular lesion': ((0.72, 0.18, 0.24), _LACUNA_PURPLE),
+}
+_PROFILES = {
+    name: _Profile(color=_COLORS[name][0], center_color=_COLORS[name][1],
+                   **{field: row[column] for field, row in _PROFILE_TABLE.items()})
+    for column, name in enumerate(ISIC_CLASSES)}
 
 # The classes each class is made to resemble.
 _LOOKALIKES = {

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from melanoma_jax import errors
 from melanoma_jax.datasets import folder_layout
 from melanoma_jax.datasets import groups_csv
+from melanoma_jax.datasets import preparation
 from melanoma_jax.datasets import vocabulary
 
 DOWNSAMPLED_SUFFIX = '_downsampled'  # Some ISIC 2019 file names end in it.
@@ -35,12 +36,42 @@ class SkipRow(ValueError):
   """A row the builder leaves out; the message says why."""
 
 
+class CsvBuilder(preparation.FolderBuilder, skip_registration=True):
+  """A published dataset whose CSV gives labels, groups and patient metadata.
+
+  Its classes are the common ones its `VOCABULARY` (source label -> common
+  class) maps to; where it ships no test labels, training carves Test from
+  train by group.
+  """
+  METADATA = True
+  TEST_FROM_TRAIN = True
+  VOCABULARY: Mapping[str, str]  # Source label -> common class.
+
+  def _class_names(self) -> tuple[str, ...]:
+    return vocabulary.common_classes(self.VOCABULARY.values())
+
+
 def manual_dir(dl_manager: tfds.download.DownloadManager) -> epath.Path:
   """The manual download folder, with TFDS' assertion turned into a layout error."""
   try:
     return dl_manager.manual_dir
   except AssertionError as error:  # How TFDS reports a missing or empty manual_dir.
     raise errors.DatasetLayoutError(str(error)) from error
+
+
+def find_main_csv(dl_manager: tfds.download.DownloadManager, name: str, help_text: str) -> epath.Path:
+  """The dataset's main CSV `name`, in the manual download folder or two levels below.
+
+  Its folder is the dataset's root: the other files are looked for there and
+  image file names are relative to it.
+  """
+  return find(manual_dir(dl_manager), name, help_text)
+
+
+def index_folders(root: epath.Path, names: Iterable[str], help_text: str, *, depth: int
+                  ) -> tuple[dict[str, tuple[epath.Path, str]], list[folder_layout.Skipped]]:
+  """`index_images` of the image folders `names`, each in `root` or up to `depth` levels below."""
+  return index_images([find(root, name, help_text, want_dir=True, depth=depth) for name in names], root)
 
 
 def _search(folder: epath.Path, name: str, depth: int, want_dir: bool) -> list[epath.Path]:

@@ -155,7 +155,7 @@ class MBConv(nn.Module):
     return x
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(interface.Classifier):
   """EfficientNet (Tan & Le, 2019) at any width/depth coefficients.
 
   Takes uint8 (or [0, 255] float) RGB images; normalises them with the
@@ -163,28 +163,21 @@ class EfficientNet(nn.Module):
   initialised from `preprocessing` and overwritten by the weight converters
   with the source's own values. Layer names follow Keras applications.
 
-  Attributes:
-    num_classes: head units.
+  Attributes (besides `interface.Classifier`'s):
     width: channel multiplier (timm's channel_multiplier, Keras' width_coefficient).
     depth: repeats multiplier (depth_multiplier / depth_coefficient).
-    dropout_rate: dropout before the head.
+    dropout_rate: dropout before the head; Keras' rate for b0 by default.
     drop_connect_rate: stochastic-depth rate of the last block (linear from 0).
     preprocessing: key of PREPROCESSING, the input convention a fresh model starts with.
     bn_momentum: BatchNorm running-statistics momentum (torch's 0.1 is 0.9
       here, what timm fine-tunes with; Keras uses 0.99).
-    axis_name: the device axis BatchNorm averages batch statistics over;
-      None outside pmap/shard_map.
-    dtype: compute dtype (parameters stay float32).
   """
-  num_classes: int
   width: float = 1.0
   depth: float = 1.0
   dropout_rate: float = 0.2
   drop_connect_rate: float = 0.2
   preprocessing: str = 'torch'
   bn_momentum: float = 0.9
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:

@@ -1,7 +1,7 @@
 """What a model family provides to the rest of the framework.
 
-A family module defines flax Modules that take uint8 RGB images [B, H, W, 3]
-and return float32 logits, with a Dense classifier named `head`, BatchNorm
+A family module defines flax Modules (subclasses of `Classifier`) that take
+uint8 RGB images [B, H, W, 3] and return float32 logits, with a Dense classifier named `head`, BatchNorm
 statistics (if any) in `batch_stats`, dropout on the 'dropout' rng, and
 `mark_features` on the feature map Grad-CAM explains. It registers one
 `ModelSpec` per model name in `melanoma_jax.models.MODELS`.
@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -25,6 +26,26 @@ Builder = Callable[[ml_collections.ConfigDict, int, int | None], nn.Module]
 Converter = Callable[[Mapping[str, np.ndarray]], dict[str, Any]]
 
 FEATURES = 'features'
+
+
+class Classifier(nn.Module):
+  """The fields every model family shares; a family subclasses it and adds its own.
+
+  The builders and `steps` set these by keyword (`clone(axis_name=...)`), so
+  every family takes them alike. A family may redeclare a field to change
+  its default (its place in the constructor stays this one).
+
+  Attributes:
+    num_classes: head units; 1 means a sigmoid (binary) head, >= 2 softmax.
+    dropout_rate: dropout before the head.
+    axis_name: the device axis BatchNorm averages batch statistics over;
+      None outside pmap/shard_map. Unused by a family without BatchNorm.
+    dtype: compute dtype (parameters stay float32).
+  """
+  num_classes: int
+  dropout_rate: float = 0.0
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,26 +54,18 @@ class _Block(nn.Module):
     return nn.relu(x + y)
 
 
-class ResNet(nn.Module):
+class ResNet(interface.Classifier):
   """torchvision's ResNet; `widths` reduced only for test fixtures.
 
-  Attributes:
-    num_classes: head units.
+  Attributes (besides `interface.Classifier`'s; torchvision has no dropout):
     depths: blocks per stage.
     bottleneck: bottleneck blocks (ResNet-50) or basic ones (18, 34).
-    dropout_rate: dropout before the head (torchvision has none).
     bn_momentum: running-statistics momentum (torch's momentum 0.1 is 0.9 here).
-    axis_name: device axis BatchNorm statistics are averaged over.
-    dtype: compute dtype (parameters stay float32).
   """
-  num_classes: int
   depths: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
   widths: Sequence[int] = (64, 128, 256, 512)
-  dropout_rate: float = 0.0
   bn_momentum: float = 0.9
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
   preprocessing: ClassVar[str] = 'torch'
   feature_stride: ClassVar[int] = 32
 

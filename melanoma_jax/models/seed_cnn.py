@@ -1,6 +1,6 @@
 """The seed model: the course project's Keras CNN, with its own config rules."""
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from melanoma_jax.models import interface, seed_cnn_lowering as lowering
 MIN_IMAGE_SIZE = 30
 
 
-class SeedCNN(nn.Module):
+class SeedCNN(interface.Classifier):
   """The course project's Keras CNN, layer for layer.
 
   Takes uint8 (or [0, 255] float) images and rescales them inside, so a
@@ -21,14 +21,10 @@ class SeedCNN(nn.Module):
   at 180x180 there are 26,318,689 parameters and statistics with a 1-unit
   head and 26,322,793 with 9 units.
 
-  Attributes:
-    num_classes: head units; 1 means a sigmoid (binary) head, >= 2 softmax.
-    dropout_rate: dropout before the head.
+  Attributes (besides `interface.Classifier`'s):
+    dropout_rate: dropout before the head; the course project's 0.5 by default.
     bn_momentum: BatchNorm running-statistics momentum; see
       `derive_bn_momentum` for why it is not Keras' 0.99 by default.
-    axis_name: the device axis BatchNorm averages batch statistics over;
-      None outside pmap/shard_map so the same module runs on one device.
-    dtype: compute dtype (parameters stay float32).
     conv_impl: how convolutions and poolings are lowered
       (`seed_cnn_lowering.resolve`); every choice computes the same function
       with the same parameters.
@@ -38,11 +34,8 @@ class SeedCNN(nn.Module):
   # convolutions trim the border.
   feature_stride: ClassVar[int] = 4
 
-  num_classes: int
   dropout_rate: float = 0.5
   bn_momentum: float = 0.99
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
   conv_impl: str = 'auto'
 
   @nn.compact

@@ -68,31 +68,24 @@ class _EncoderBlock(nn.Module):
     return x + y
 
 
-class ViT(nn.Module):
+class ViT(interface.Classifier):
   """A ViT with a class token; width/depth/heads/mlp_dim/patch_size set the size.
 
-  Attributes:
-    num_classes: head units.
+  Attributes (besides `interface.Classifier`'s, of which `dropout_rate` acts
+  on the class token and `axis_name` is unused: there is no BatchNorm):
     patch_size: side of the square patches (also the feature stride).
     width: token dimension.
     depth: encoder blocks.
     num_heads: attention heads (width must be a multiple).
     mlp_dim: hidden units of each block's MLP.
     gelu_approximate: tanh GELU as big_vision (True) or erf GELU as timm.
-    dropout_rate: dropout on the class token before the head.
-    axis_name: unused (no BatchNorm); there for the common model interface.
-    dtype: compute dtype (parameters stay float32).
   """
-  num_classes: int
   patch_size: int = 16
   width: int = 384
   depth: int = 12
   num_heads: int = 6
   mlp_dim: int = 1536
   gelu_approximate: bool = True
-  dropout_rate: float = 0.0
-  axis_name: str | None = None
-  dtype: Any = jnp.float32
   preprocessing: ClassVar[str] = 'tf'
 
   @property
