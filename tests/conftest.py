@@ -78,9 +78,9 @@ def _group(path: str) -> str:
 
 
 def pytest_collection_modifyitems(items):
-  """Files in the order they run: slowest groups first, each group's files together."""
+  """The slowest files first (xdist hands out files in this order); order within a file kept."""
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # Stable: order in a file kept.
+  items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # A stable sort.
 
 
 def pytest_xdist_make_scheduler(config, log):
