@@ -15,10 +15,25 @@ By default `image_folder` is prepared from a generated tree of ISIC-sized
 JPEGs (600x450, the archive's 9 classes) in a temporary folder, so the
 benchmark reads what real data becomes: images decoded, stored at 256 px and
 resized to `--image_size`.
+
+Scale mode: does host memory stay flat as the dataset grows? For each count
+in `--scale` it generates an image_folder tree of that many JPEGs (a few
+distinct images, hard-linked under many names), prepares it at
+`--stored_size` px (the real preparation), then, in a fresh process so its
+peak RSS is the stream's own, streams the training batches (balanced,
+augmented, decoded and resized to `--image_size`) and reports images/s and
+peak RSS, beside the seed CNN's train step in the same run:
+
+  python -m benchmarks.input_pipeline --scale=2000,20000 --stored_size=512
 """
 
+import json
+import os
 import pathlib
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +46,8 @@ import tensorflow as tf
 
 from configs import balanced
 import melanoma_jax
-from melanoma_jax import cli, input_pipeline, models, optim
-from melanoma_jax.datasets import ISIC_CLASSES
+from melanoma_jax import cli, datasets, input_pipeline, models, optim
+from melanoma_jax.datasets import ISIC_CLASSES, preparation, user_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'image_folder',
@@ -48,6 +63,13 @@ flags.DEFINE_integer('windows', 5, 'Timed windows per measurement; the median is
 flags.DEFINE_integer('stream_window', 80, 'Batches per window of the stream.')
 flags.DEFINE_integer('step_window', 2, 'Steps per window of the training step.')
 flags.DEFINE_integer('fixture_images', 40, 'Generated Train images per class (image_folder).')
+flags.DEFINE_list('scale', [], 'Scale mode: image counts of the generated trees, e.g. 2000,20000.')
+flags.DEFINE_integer('stored_size', 512, 'Scale mode: the side the images are prepared (stored) at.')
+flags.DEFINE_integer('distinct_images', 8, 'Scale mode: distinct generated images per class.')
+flags.DEFINE_string('scale_dir', None, 'Scale mode: where trees and prepared data go (default: a '
+                    'temporary folder, deleted at the end).')
+flags.DEFINE_enum('scale_worker', None, ['prepare', 'stream'], 'Internal: one scale-mode phase.')
+flags.DEFINE_string('scale_root', None, 'Internal: the scale worker\'s folder.')
 
 FIXTURE_SIZE = (600, 450)  # (width, height) of the ISIC archive's JPEGs.
 
@@ -70,6 +92,120 @@ def write_fixture_tree(root: str, per_class: int) -> None:
         noise = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
         Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(
             folder / f'ISIC_{i:07d}.jpg', quality=90)
+
+
+class ImageFolderScale(user_folder.ImageFolder):
+  """image_folder, with the stored sizes scale mode prepares at."""
+
+  BUILDER_CONFIGS = [preparation.FolderConfig(name=f'{size}px', image_size=size)
+                     for size in (64, 256, 384, 512, 768)]
+
+
+datasets.BUILDERS.setdefault('image_folder_scale', ImageFolderScale)
+
+
+def write_scale_tree(root: str, count: int, size: int, distinct: int) -> None:
+  """`count` Train JPEGs of `size` px (plus a small Test) over the 9 classes, cheaply.
+
+  Each class has `distinct` generated images; the files are hard links to
+  them under different names, so the tree costs little disk while
+  preparation still decodes, resizes and stores every file.
+  """
+  rng = np.random.default_rng(0)
+  sources = pathlib.Path(root) / 'sources'
+  sources.mkdir(parents=True)
+  for split, total in (('Train', count), ('Test', 2 * len(ISIC_CLASSES))):
+    for c, class_name in enumerate(ISIC_CLASSES):
+      folder = pathlib.Path(root) / 'tree' / split / class_name
+      folder.mkdir(parents=True)
+      for i in range(total // len(ISIC_CLASSES) + (c < total % len(ISIC_CLASSES))):
+        source = sources / f'{class_name}_{i % distinct}.jpg'
+        if not source.exists():
+          coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+          smooth = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.int16)
+          noise = rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+          Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(source, quality=90)
+        os.link(source, folder / f'{split}_{class_name}_{i:06d}.jpg')
+
+
+def _scale_config(root: str):
+  config = balanced.get_config()
+  config.update({'dataset': f'image_folder_scale/{FLAGS.stored_size}px', 'image_size': FLAGS.image_size,
+                 'batch_size': FLAGS.batch_size, 'manual_dir': f'{root}/tree',
+                 'data_dir': f'{root}/tfds', 'streaming': True})
+  return config
+
+
+def _scale_worker(phase: str, root: str) -> dict[str, float]:
+  """One phase in this process: prepare the tree, or stream its training batches."""
+  config = _scale_config(root)
+  start = time.perf_counter()
+  if phase == 'prepare':
+    input_pipeline.prepared_builder(config)
+    return {'prepare_s': time.perf_counter() - start}
+  data = input_pipeline.load_data(config)
+  load_s = time.perf_counter() - start
+  num_batches = (FLAGS.windows + 1) * FLAGS.stream_window
+  batches = input_pipeline.train_batches(data.train, config, len(data.class_names), 1, num_batches)
+  rate = images_per_sec(pull_batches(batches, FLAGS.stream_window),
+                        FLAGS.stream_window * config.batch_size, FLAGS.windows)
+  return {'train_images': len(data.train), 'load_s': load_s, 'stream_images_per_sec': rate,
+          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _run_scale_worker(phase: str, root: str) -> dict[str, float]:
+  """Runs `_scale_worker` in a fresh process (its own peak RSS); returns its figures."""
+  flags_now = [f'--{name}={getattr(FLAGS, name)}' for name in (
+      'image_size', 'batch_size', 'windows', 'stream_window', 'stored_size')]
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.input_pipeline', f'--scale_worker={phase}',
+       f'--scale_root={root}', *flags_now], capture_output=True, text=True, check=False,
+      cwd=pathlib.Path(__file__).resolve().parent.parent)
+  if result.returncode:
+    raise RuntimeError(f'scale worker {phase} failed:\n{result.stderr[-3000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def seed_step_images_per_sec(num_classes: int = 9) -> float:
+  """The seed CNN's jitted train step at --image_size and --batch_size on one device."""
+  config = balanced.get_config()
+  size, batch = FLAGS.image_size, FLAGS.batch_size
+  rng = np.random.default_rng(0)
+  images = jax.device_put({'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                           'label': rng.integers(0, num_classes, batch).astype(np.int32)})
+  state = melanoma_jax.create_train_state(
+      jax.random.key(0), models.SeedCNN(num_classes), optim.make_optimizer(config), (size, size, 3))
+  return images_per_sec(run_steps(state, images, FLAGS.step_window),
+                        FLAGS.step_window * batch, FLAGS.windows)
+
+
+def scale_mode() -> None:
+  """Prepares and streams each --scale count in its own processes; prints the figures side by side."""
+  counts = [int(c) for c in FLAGS.scale]
+  with tempfile.TemporaryDirectory(dir=FLAGS.scale_dir) as tmp:
+    rows = []
+    for count in counts:
+      root = f'{tmp}/{count}'
+      start = time.perf_counter()
+      write_scale_tree(root, count, FLAGS.stored_size, FLAGS.distinct_images)
+      generate_s = time.perf_counter() - start
+      prepared = _run_scale_worker('prepare', root)
+      streamed = _run_scale_worker('stream', root)
+      rows.append({'count': count, 'generate_s': generate_s, **prepared, **streamed})
+      print(f'{count} images at {FLAGS.stored_size} px: generated in {generate_s:.1f} s, prepared in '
+            f'{prepared["prepare_s"]:.1f} s ({count / prepared["prepare_s"]:.1f} images/s); stream '
+            f'{streamed["stream_images_per_sec"]:.1f} images/s, peak RSS {streamed["peak_rss_gib"]:.2f} GiB '
+            f'(split loaded in {streamed["load_s"]:.1f} s)', flush=True)
+      subprocess.run(['rm', '-rf', root], check=True)
+  step = seed_step_images_per_sec()
+  print(f'seed CNN train step: {step:.1f} images/s ({FLAGS.batch_size} per step, {FLAGS.image_size} px, '
+        f'one {jax.devices()[0].device_kind})')
+  first, last = rows[0], rows[-1]
+  growth = last['peak_rss_gib'] / first['peak_rss_gib'] - 1
+  print(f'peak RSS {last["count"]} vs {first["count"]} images: {growth:+.1%} (target within 10%: '
+        f'{"ok" if abs(growth) <= 0.10 else "NO"})')
+  slowest = min(row['stream_images_per_sec'] for row in rows)
+  print(f'slowest stream / step: {slowest / step:.2f} (target >= 3: {"ok" if slowest >= 3 * step else "NO"})')
 
 
 def images_per_sec(run_window: Callable[[], None], images_per_window: int,
@@ -109,6 +245,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.set_visible_devices([], 'GPU')  # As in launch.py: TF only feeds data.
+  if FLAGS.scale_worker:
+    print(json.dumps(_scale_worker(FLAGS.scale_worker, FLAGS.scale_root)))
+    return
+  if FLAGS.scale:
+    scale_mode()
+    return
   config = balanced.get_config()
   config.update({'dataset': FLAGS.dataset, 'image_size': FLAGS.image_size,
                  'batch_size': FLAGS.batch_size, 'data_dir': FLAGS.data_dir,

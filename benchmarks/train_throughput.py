@@ -1,9 +1,13 @@
-"""Training throughput of a model: ours against Keras, in one invocation.
+"""Training throughput of models: ours against Keras, in one invocation.
 
   python benchmarks/train_throughput.py                 # seed_cnn, 180x180, batch 32
   python benchmarks/train_throughput.py --image_size=64 --windows=3   # quick
-  python benchmarks/train_throughput.py --model=resnet50 --image_size=224
-  python benchmarks/train_throughput.py --model=efficientnet_b0 --image_size=224
+  python benchmarks/train_throughput.py --model=resnet50               # 224x224
+  python benchmarks/train_throughput.py --model=all     # seed_cnn, resnet50, efficientnet_b0, vit_s16
+
+Models run one after the other (each at its own size unless --image_size is
+given: the seed model at 180, the backbones at 224); a table at the end gives
+each model's images/sec and its ratio to Keras.
 
 Contenders:
   step   our jitted `steps.train_step` on one fixed device batch;
@@ -27,6 +31,7 @@ runs as TensorFlow users run it, without huge pages (it does not gain from
 them here).
 """
 
+import argparse
 import itertools
 import json
 import os
@@ -48,8 +53,12 @@ from benchmarks import keras_models  # pylint: disable=g-import-not-at-top,wrong
 from melanoma_jax import cli, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', 'seed_cnn', 'A name in melanoma_jax.models.MODELS.')
-flags.DEFINE_integer('image_size', 180, 'Image side in pixels.', lower_bound=1)
+ALL_MODELS = ('seed_cnn', 'resnet50', 'efficientnet_b0', 'vit_s16')
+_IMAGE_SIZES = {'seed_cnn': 180}  # others: 224, the backbones' pretraining size
+flags.DEFINE_string('model', 'seed_cnn', 'Names in melanoma_jax.models.MODELS, comma-separated, '
+                    f'or all ({",".join(ALL_MODELS)}).')
+flags.DEFINE_integer('image_size', 0, "Image side in pixels; 0: each model's own (seed_cnn 180, "
+                     'the others 224).', lower_bound=0)
 flags.DEFINE_integer('batch_size', 32, 'Images per step.', lower_bound=1)
 flags.DEFINE_integer('num_classes', 9, 'Classes of the head.', lower_bound=1)
 flags.DEFINE_integer('windows', 5, 'Timed windows per contender.', lower_bound=1)
@@ -58,6 +67,8 @@ flags.DEFINE_string('conv_impl', 'auto', "seed_cnn only: its conv_impl, e.g. 'na
 flags.DEFINE_float('settle_s', 2.0, "Idle seconds before each window, so the previous contender's "
                    'threads wind down.', lower_bound=0)
 flags.DEFINE_integer('loop_epochs', 3, 'Epochs of the training loop; 0 skips it.', lower_bound=0)
+flags.DEFINE_string('loop_models', 'seed_cnn', "Comma-separated models whose loop is timed (at 224 px "
+                    "a backbone's loop takes most of an hour).")
 flags.DEFINE_bool('no_keras', False, 'Skip the Keras contender.')
 flags.DEFINE_bool('untuned', False, 'Skip melanoma_jax.runtime (XLA:CPU flags, huge pages) for step, '
                   'as launch.py applies it.')
@@ -181,24 +192,20 @@ class _Contender:
     self.peak_rss_gib = reply['peak_rss_gib']
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  args = FLAGS
-  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
-  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
-  if args.worker:
-    _serve(args)
-    return
-  if not args.untuned:
-    runtime.configure(reexec=True)
+def _worker_argv(args) -> list[str]:
+  return [f'--{name}={getattr(args, name)}'
+          for name in ('model', 'image_size', 'batch_size', 'num_classes', 'conv_impl')]
+
+
+def _bench(args) -> dict[str, float]:
+  """One model's contenders, timed in alternating windows; returns their images/sec."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from melanoma_jax.models import seed_cnn_lowering as lowering_lib  # pylint: disable=g-import-not-at-top
 
   lowering = (f'conv_impl={args.conv_impl} ({lowering_lib.resolve(args.conv_impl)}); '
               if args.model == 'seed_cnn' else '')
-  print(f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
+  print(f'\n{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), '
         f'{os.cpu_count()} CPUs; {args.model} {args.image_size}x{args.image_size}, batch {args.batch_size}, '
         f'{lowering}XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES")!r}',
         flush=True)
@@ -207,13 +214,13 @@ def main(argv: list[str]) -> None:
   if not args.no_keras and not with_keras:
     print(f'keras: skipped (keras.applications has no {args.model})', flush=True)
   for name in ('step', 'keras') if with_keras else ('step',):
-    contenders[name] = _Contender(name, sys.argv[1:])
+    contenders[name] = _Contender(name, _worker_argv(args))
     print(f'{name}: time to first step {contenders[name].first_step_s:.1f} s (process start, '
           f'build, compile, one step), peak RSS {contenders[name].peak_rss_gib:.2f} GiB', flush=True)
 
   loop = None
   for window in range(args.windows):
-    if window == args.windows // 2 and args.loop_epochs:
+    if window == args.windows // 2 and args.loop_epochs and args.model in args.loop_models.split(','):
       try:
         loop = _run_loop(args)
         print(f'loop: {args.loop_epochs} epochs in {loop["total_s"]:.1f} s including dataset '
@@ -224,6 +231,9 @@ def main(argv: list[str]) -> None:
     for contender in contenders.values():
       time.sleep(args.settle_s)
       contender.time_window(args.steps_per_window, args.batch_size)
+  for contender in contenders.values():
+    contender.process.stdin.close()
+    contender.process.wait()
 
   medians = {name: statistics.median(c.rates) for name, c in contenders.items()}
   if loop:
@@ -238,6 +248,37 @@ def main(argv: list[str]) -> None:
       print(f'{ours}/keras {medians[ours] / medians["keras"]:.2f}')
   if 'loop' in medians:
     print(f'loop/step {medians["loop"] / medians["step"]:.2f}')
+  return medians
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = FLAGS
+  # The console is for the results: libraries' INFO lines stay out, as in launch.py.
+  logging.get_absl_handler().addFilter(runtime.show_info_only_from(os.path.dirname(runtime.__file__)))
+  if args.worker:
+    _serve(args)
+    return
+  if not args.untuned:
+    runtime.configure(reexec=True)
+  names = ALL_MODELS if args.model == 'all' else tuple(args.model.split(','))
+  settings = {name: getattr(args, name) for name in (
+      'batch_size', 'num_classes', 'windows', 'steps_per_window', 'conv_impl', 'settle_s',
+      'loop_epochs', 'loop_models', 'no_keras')}
+  results = {}
+  for name in names:
+    size = args.image_size or _IMAGE_SIZES.get(name, 224)
+    results[name, size] = _bench(argparse.Namespace(model=name, image_size=size, **settings))
+
+  ratio = lambda ours, medians: (f'{medians[ours] / medians["keras"]:.2f}'
+                                 if ours in medians and 'keras' in medians else '-')
+  rate = lambda name, medians: f'{medians[name]:.1f}' if name in medians else '-'
+  print(f'\n{"model":16s} {"px":>4s} {"step":>7s} {"keras":>7s} {"step/keras":>10s} {"loop":>7s} '
+        f'{"loop/keras":>10s}  (images/s, batch {args.batch_size})')
+  for (name, size), medians in results.items():
+    print(f'{name:16s} {size:4d} {rate("step", medians):>7s} {rate("keras", medians):>7s} '
+          f'{ratio("step", medians):>10s} {rate("loop", medians):>7s} {ratio("loop", medians):>10s}')
 
 
 if __name__ == '__main__':

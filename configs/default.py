@@ -30,6 +30,10 @@ def get_config(variant: str = 'isic') -> ml_collections.ConfigDict:
   config.groups_csv = config_dict.placeholder(str)
   config.task = 'multiclass'  # or 'melanoma_vs_rest' (1-unit sigmoid head)
   config.image_size = 180
+  # Images held in memory (False) or read from the prepared files on the fly
+  # (True: host memory does not grow with the dataset); None streams
+  # datasets too large for memory. Batches are the same either way.
+  config.streaming = config_dict.placeholder(bool)
   config.val_fraction = 0.2
   # Datasets published without test labels (isic2019, isic2020, ham10000
   # without the ISIC 2018 test set) carve Test from train, by group.

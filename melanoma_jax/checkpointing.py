@@ -186,7 +186,7 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
 FREE_TO_CHANGE = ('num_epochs', 'data_dir', 'manual_dir', 'learning_rate', 'log_every_steps',
                   'checkpoints_to_keep', 'checkpoint_every_steps', 'skip_nonfinite_steps',
                   'target_sensitivity', 'model.conv_impl', 'model.dtype',
-                  'model.init_from')  # only read when there is no checkpoint yet
+                  'model.init_from', 'streaming')  # init_from: only read when there is no checkpoint yet
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -7,10 +7,16 @@ augmentation, so no image or copy of one lands on both sides; with
 stratified k-fold partition of Train. Test is only
 for the final evaluation.
 
-Splits are held in memory as uint8 arrays at the training resolution (the
-ISIC archive at 180x180 is ~220 MB). The training stream is a tf.data
-pipeline over indices into them, seeded per epoch, so epoch `e` yields the
-same batches whether or not the run was resumed.
+A split's small columns (labels, file names, groups, metadata) are held in
+memory. Its images are either held too, as uint8 arrays at the training
+resolution (the ISIC archive at 180x180 is ~220 MB), or streamed: read by
+index from the prepared files, decoded and resized on the fly
+(`data_sources`), so host memory does not grow with the dataset
+(`config.streaming`; None streams datasets whose images would take more
+than STREAM_ABOVE_BYTES). The training stream is a tf.data pipeline over
+indices into the split, seeded per epoch and independent of where the
+images live, so epoch `e` yields the same batches whether or not the run
+was resumed, and whether or not it streams.
 """
 
 import dataclasses
@@ -26,7 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from melanoma_jax import datasets, errors, preprocessing
+from melanoma_jax import data_sources, datasets, errors, preprocessing
 from melanoma_jax import metadata as metadata_lib
 from melanoma_jax.errors import DataError
 from melanoma_jax.datasets import groups_csv, preparation
@@ -35,13 +41,23 @@ from melanoma_jax.datasets import tables, vocabulary
 # Test is carved from train with this seed, not config.seed, so every run
 # (any seed, any fold) is tested on the same images.
 TEST_CARVE_SEED = 0
+# config.streaming=None streams when all splits' images at the training
+# size would take more host memory than this: the ISIC archive and the full
+# synthetic dataset stream at 180 px; tiny datasets are held in memory, where
+# the stream skips decoding each image once per epoch.
+STREAM_ABOVE_BYTES = 128 << 20
+# Examples read with one Python call by the streams.
+READ_CHUNK = 32
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """One split in memory: images [N, H, W, 3] uint8 and integer labels [N].
+  """One split: images [N, H, W, 3] uint8 and integer labels [N].
+
+  `images` is an array in memory, or `data_sources.StoredImages` (read from
+  the prepared files on demand; indexing it reads and decodes).
 
   `extras` holds further per-example arrays [N]: the metadata features of
   builders that have them (`datasets.METADATA_FEATURES`) and, for combined
@@ -57,7 +73,9 @@ class Examples:
     return len(self.labels)
 
   def take(self, indices: np.ndarray) -> 'Examples':
-    return Examples(self.images[indices], self.labels[indices],
+    images = (self.images.take(indices) if isinstance(self.images, data_sources.StoredImages)
+              else self.images[indices])
+    return Examples(images, self.labels[indices],
                     self.file_names[indices], self.group_ids[indices],
                     {k: v[indices] for k, v in self.extras.items()})
 
@@ -133,8 +151,13 @@ def _preprocessed_config(dataset: str, builder_class: type,
   return {'config': builder_class.get_builder_config(options.config_name(preparation.DEFAULT_IMAGE_SIZE))}
 
 
-def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) -> Examples:
-  """All examples of `split`, resized to image_size, in the builder's order."""
+def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
+                stream: bool = False) -> Examples:
+  """All examples of `split`, resized to image_size, in the builder's order.
+
+  Streamed (`stream`), the images stay in the prepared files and only the
+  other columns are kept.
+  """
 
   def resize(example):
     return {**example, 'image': preprocessing.resize(example['image'], image_size)}
@@ -144,9 +167,21 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
         f'{builder.info.full_name} in {builder.data_dir} has no {split!r} split (it has '
         f'{sorted(builder.info.splits)}): training needs train and test splits, i.e. Train/ and '
         'Test/ folders. Add the missing folder, delete the prepared dataset directory, and rerun.')
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
-  parts = list(tfds.as_numpy(ds))
+  if stream:
+    stored = data_sources.RecordFiles(builder, split)
+    columns, pixels = stored.columns(builder.info.features), None
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    columns = tfds.as_numpy(ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256))
+    # Images go straight into one array, so reading never holds them twice.
+    pixels = np.empty((builder.info.splits[split].num_examples, image_size, image_size, 3), np.uint8)
+  parts, filled = [], 0
+  for part in columns:
+    if pixels is not None:
+      image = part.pop('image')
+      pixels[filled:filled + len(image)] = image
+      filled += len(image)
+    parts.append(part)
   if not parts:
     raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
   cat = lambda key: np.concatenate([p[key] for p in parts])
@@ -157,7 +192,14 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int) 
   group_ids = np.where(cat('group_id') == b'', file_names, text('group_id'))
   extras = {k: cat(k).astype(np.float32) if k == 'age' else np.array([v.decode() for v in cat(k)])
             for k in datasets.METADATA_FEATURES if k in parts[0]}
-  return Examples(cat('image'), cat('label').astype(np.int32), file_names, group_ids, extras)
+  if stream:
+    images = data_sources.StoredImages.of_split(stored, image_size)
+    if len(images) != len(file_names):
+      raise DataError(f'{images.files[0].name}: {len(images)} records but {len(file_names)} examples; '
+                      'delete the prepared dataset folder and rerun with --mode=prepare.')
+  else:
+    images = pixels[:filled]
+  return Examples(images, cat('label').astype(np.int32), file_names, group_ids, extras)
 
 
 def split_by_group(labels: np.ndarray, group_ids: np.ndarray, val_fraction: float,
@@ -223,16 +265,15 @@ def carve_test(examples: Examples, test_fraction: float) -> tuple[Examples, Exam
   return examples.take(train_idx), examples.take(test_idx)
 
 
-def _single_splits(config: ml_collections.ConfigDict, dataset: str
+def _single_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, stream: bool
                    ) -> tuple[Examples, Examples, tuple[str, ...], int]:
   """(train, test, class names, stored image size) of one dataset; Test carved if unpublished."""
-  builder = prepared_builder(config, dataset)
   class_names = tuple(builder.info.features['label'].names)
-  train_full = _read_split(builder, 'train', config.image_size)
+  train_full = _read_split(builder, 'train', config.image_size, stream)
   if 'test' not in builder.info.splits and getattr(builder, 'TEST_FROM_TRAIN', False):
     train_full, test = carve_test(train_full, config.test_fraction)
   else:
-    test = _read_split(builder, 'test', config.image_size)
+    test = _read_split(builder, 'test', config.image_size, stream)
   return train_full, test, class_names, builder.info.features['image'].shape[0]
 
 
@@ -256,10 +297,13 @@ def _concat(parts: list[Examples]) -> Examples:
     if key == 'age':
       extras[key] = extras[key].astype(np.float32)
   cat = lambda attribute: np.concatenate([getattr(p, attribute) for p in parts])
-  return Examples(cat('images'), cat('labels'), cat('file_names'), cat('group_ids'), extras)
+  images = (data_sources.StoredImages.concat([p.images for p in parts])
+            if isinstance(parts[0].images, data_sources.StoredImages) else cat('images'))
+  return Examples(images, cat('labels'), cat('file_names'), cat('group_ids'), extras)
 
 
-def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
+def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...],
+                     builders: list[tfds.core.DatasetBuilder], stream: bool
                      ) -> tuple[Examples, Examples, tuple[str, ...], int]:
   """(train, test, class names, stored size) of several datasets in the common class vocabulary.
 
@@ -268,7 +312,7 @@ def _combined_splits(config: ml_collections.ConfigDict, sources: tuple[str, ...]
   (ISIC 2019 contains HAM10000), so no image can be on both sides of a split.
   Each example's source index is in `extras['source']`.
   """
-  loaded = [_single_splits(config, name) for name in sources]
+  loaded = [_single_splits(config, builder, stream) for builder in builders]
   try:
     common = {name: [vocabulary.to_common(name, c) for c in classes]
               for name, (_, _, classes, _) in zip(sources, loaded)}
@@ -332,13 +376,26 @@ def _source_index_stream(train: Examples, config: ml_collections.ConfigDict,
   return tf.data.Dataset.sample_from_datasets(streams, weights=kept, seed=seed)
 
 
+def streaming(config: ml_collections.ConfigDict, num_examples: int) -> bool:
+  """Whether to stream images (config.streaming: True, False, or None: by size) for a dataset this big."""
+  choice = config.get('streaming')
+  if choice is None:
+    return num_examples * config.image_size ** 2 * 3 > STREAM_ABOVE_BYTES
+  if not isinstance(choice, bool):
+    raise DataError(f'config.streaming={choice!r} must be True, False or None (by dataset size).')
+  return choice
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """Reads Train and Test, maps labels to the task, splits off validation."""
   sources = combined_sources(config.dataset)
+  builders = [prepared_builder(config, name) for name in sources]
+  stream = streaming(config, sum(s.num_examples for b in builders for s in b.info.splits.values()))
+  logging.info('Images %s.', 'streamed from the prepared files' if stream else 'held in memory')
   if len(sources) > 1:
-    train_full, test, class_names, stored_size = _combined_splits(config, sources)
+    train_full, test, class_names, stored_size = _combined_splits(config, sources, builders, stream)
   else:
-    train_full, test, class_names, stored_size = _single_splits(config, config.dataset)
+    train_full, test, class_names, stored_size = _single_splits(config, builders[0], stream)
   if config.task == 'melanoma_vs_rest':
     if datasets.MELANOMA not in class_names:
       raise DataError(f'task=melanoma_vs_rest needs a {datasets.MELANOMA!r} class; '
@@ -455,13 +512,13 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
   batch. So the global batches, and the training run, are the same whatever
   the number of hosts and devices, an epoch's stream is reproducible, and a
   run resumed mid-epoch skips its first `skip_steps` batches without
-  preprocessing them.
+  preprocessing them. Images are read by index (`data_sources.with_images`)
+  whether they are in memory or streamed, so both give the same batches.
   """
   devices = jax.local_device_count()
   hosts, host = jax.process_count(), jax.process_index()
   local_batch = config.batch_size // hosts
   seed = config.seed * 1_000_003 + epoch
-  images = tf.constant(train.images)
   labels = tf.constant(train.labels)
   encoded_metadata = (tf.constant(metadata_lib.from_extras(train.extras, len(train)))
                       if config.model.get('metadata') else None)
@@ -470,8 +527,8 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
     del index
     return (position % config.batch_size) // local_batch == host
 
-  def example(position, index):
-    image = tf.gather(images, index)
+  def example(features):
+    position, index, image = features['position'], features['index'], features['image']
     if config.augment.enabled:
       image = _augment(image, tf.stack([tf.constant(seed, tf.int64), position]), config.augment)
     features = {'image': image, 'label': tf.gather(labels, index)}
@@ -486,6 +543,8 @@ def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classe
   ds = ds.take(num_steps * config.batch_size).enumerate().skip(skip_steps * config.batch_size)
   if hosts > 1:
     ds = ds.filter(mine)
+  ds = ds.map(lambda position, index: {'position': position, 'index': index})
+  ds = data_sources.with_images(ds, train.images, READ_CHUNK)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda b: tf.nest.map_structure(
@@ -507,10 +566,22 @@ def eval_batches(examples: Examples, global_batch_size: int) -> Iterator[Batch]:
   mine = host_shard(examples)
   padded = num_batches * local_batch
   pad = lambda x: np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
-  arrays = {'image': pad(mine.images), 'label': pad(mine.labels),
-            'mask': pad(np.ones(len(mine), np.int32))}
+  arrays = {'label': pad(mine.labels), 'mask': pad(np.ones(len(mine), np.int32))}
   if 'age' in mine.extras:  # Models that take metadata use it; others ignore it.
     arrays['metadata'] = pad(metadata_lib.from_extras(mine.extras, len(mine)))
+  images = _image_batches(mine.images, local_batch)
   for b in range(num_batches):
-    yield {k: v[b * local_batch:(b + 1) * local_batch].reshape(devices, local_batch // devices, *v.shape[1:])
-           for k, v in arrays.items()}
+    image = next(images, np.zeros((0, *mine.images.shape[1:]), np.uint8))
+    batch = {'image': np.concatenate([image, np.zeros((local_batch - len(image), *image.shape[1:]), np.uint8)])}
+    batch.update((k, v[b * local_batch:(b + 1) * local_batch]) for k, v in arrays.items())
+    yield {k: v.reshape(devices, local_batch // devices, *v.shape[1:]) for k, v in batch.items()}
+
+
+def _image_batches(images: 'np.ndarray | data_sources.StoredImages', batch: int) -> Iterator[np.ndarray]:
+  """A split's images in order, `batch` at a time (the last one shorter); stored ones decoded in parallel."""
+  if not isinstance(images, data_sources.StoredImages):
+    yield from (images[start:start + batch] for start in range(0, len(images), batch))
+    return
+  indices = tf.data.Dataset.range(len(images)).map(lambda i: {'index': i})
+  ds = data_sources.with_images(indices, images, READ_CHUNK).map(lambda ex: ex['image'])
+  yield from tfds.as_numpy(ds.batch(batch).prefetch(2))

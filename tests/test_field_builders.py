@@ -337,6 +337,21 @@ def test_combined_classes_labels_and_sources(combined, isic_2019, isic_2020):
   assert set(data.train.extras) == {'age', 'sex', 'site', 'source'}
 
 
+def test_combined_datasets_stream_what_they_hold_in_memory(combined):
+  held = input_pipeline.load_data(combined)
+  combined.streaming = True
+  streamed = input_pipeline.load_data(combined)
+  for split in ('train', 'val', 'test'):
+    a, b = getattr(held, split), getattr(streamed, split)
+    np.testing.assert_array_equal(a.file_names, b.file_names)
+    np.testing.assert_array_equal(a.images, np.asarray(b.images))
+  num_classes = len(held.class_names)
+  for a, b in zip(input_pipeline.train_batches(held.train, combined, num_classes, 1, 3),
+                  input_pipeline.train_batches(streamed.train, combined, num_classes, 1, 3), strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_source_weights_set_how_often_each_source_is_drawn(combined):
   data = input_pipeline.load_data(combined)
   stream = input_pipeline._source_index_stream(data.train, combined, seed=5)  # pylint: disable=protected-access

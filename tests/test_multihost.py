@@ -24,7 +24,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_hosts(config, workdir, num_epochs):
+def _two_hosts(config, workdir, num_epochs, *extra):
   # Few steps (batch 96: 2 per epoch), no dropout, and SGD: Adam's first
   # steps are ~lr * sign(gradient), which turns round-off in near-zero
   # gradients (another reduction order across processes) into lr-sized
@@ -38,7 +38,7 @@ def _two_hosts(config, workdir, num_epochs):
        f'--config.image_size={config.image_size}', f'--config.batch_size={BATCH}',
        f'--config.num_epochs={num_epochs}', f'--workdir={workdir}', '--config.model.dropout_rate=0',
        '--config.optimizer=sgd', '--config.learning_rate=0.001', '--config.momentum=0',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}', *extra],
       stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   logs = []
   try:
@@ -88,3 +88,10 @@ def test_two_hosts_train_like_one_host_with_the_same_devices(tiny_config, tmp_pa
   assert digests[0] == digests[1]
   assert [row['epoch'] for row in reporting.read_history(tmp_path)] == [1, 2]
   _assert_close(tmp_path, single_process_run, step=2 * STEPS)
+
+
+def test_two_hosts_streaming_train_like_one_host_in_memory(tiny_config, tmp_path, single_process_run):
+  # Each host reads its slice of every global batch from the prepared files.
+  digests = _two_hosts(tiny_config, tmp_path, 1, '--config.streaming=True')
+  assert digests[0] == digests[1]
+  _assert_close(tmp_path, single_process_run, step=STEPS)
