@@ -36,7 +36,8 @@ import pytest  # noqa: E402  (after the environment is set)
 SLOWEST_FIRST = ('test_readme_commands.py', 'test_resilience.py', 'test_fault_injection.py', 'test_finetune.py',
                  'test_steps.py', 'test_cross_validation.py', 'test_multihost.py', 'test_ood.py')
 # Files that read one trained session run (below): each group runs on one xdist worker.
-SHARED_RUN_FILES = {'test_train.py': 'test_resilience.py', 'test_inference.py': 'test_fault_injection.py'}
+SHARED_RUN_FILES = {'test_train.py': 'test_resilience.py', 'test_streaming.py': 'test_resilience.py',
+                    'test_inference.py': 'test_fault_injection.py'}
 
 
 @pytest.fixture(scope='session')
