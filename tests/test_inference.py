@@ -14,12 +14,8 @@ from melanoma_jax import (calibration, cli, clinical_report, evaluate, inference
 
 
 @pytest.fixture(scope='module')
-def run(tiny_config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('run')
-  config = tiny_config.copy_and_resolve_references()
-  config.num_epochs = 1
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
+def run(one_epoch_run):
+  return one_epoch_run[0]
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,8 @@ its own), optional `[...]` parts
 included with their placeholders filled in, and input files made under the
 names the README uses (PATH, ROOT, DOWNLOADS, lesions/, extra.jpg, lesion.jpg). The
 environment is a user's: no XLA flags, TensorFlow log level or glibc
-tunables of the test process. Each command must exit 0, leave the outputs the
+tunables of the test process (only its XLA compilation cache, which reuses
+programs compiled for identical inputs and changes no result). Each command must exit 0, leave the outputs the
 README says it leaves, and print none of TensorFlow's start-up banners.
 """
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from melanoma_jax import errors, reporting, train
-from test_train import _config, _final_params, finished_run  # noqa: F401  pylint: disable=unused-import
+from test_train import _config, _final_params
 
 TIMEOUT = 240
 

@@ -13,7 +13,7 @@ import pytest
 
 from melanoma_jax import errors, input_pipeline
 from test_resilience import TIMEOUT, _assert_same_final_params, _launch, _run_until
-from test_train import _config, finished_run  # noqa: F401  pylint: disable=unused-import
+from test_train import _config
 
 
 @pytest.fixture(scope='module')

@@ -31,13 +31,6 @@ def _final_params(workdir):
   return restored.state['params']
 
 
-@pytest.fixture(scope='module')
-def finished_run(tiny_config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('run')
-  result = train.train_and_evaluate(_config(tiny_config, num_epochs=3), str(workdir))
-  return workdir, result
-
-
 def test_run_leaves_history_curves_tensorboard_checkpoints_and_test_metrics(finished_run):
   workdir, result = finished_run
   history = reporting.read_history(workdir)
