@@ -22,7 +22,11 @@ distinct images, hard-linked under many names), prepares it at
 `--stored_size` px (the real preparation), then, in a fresh process so its
 peak RSS is the stream's own, streams the training batches (balanced,
 augmented, decoded and resized to `--image_size`) and reports images/s and
-peak RSS, beside the seed CNN's train step in the same run:
+peak RSS, beside the seed CNN's train step in the same run. With
+`--scale_train_steps=K` (default 20; 0: none) it then trains on it with the
+real command (launch.py, benchmarks/scale_config.py: the seed CNN, streamed),
+stops that by SIGTERM after K steps, and reports the training process's peak
+RSS and images/s:
 
   python -m benchmarks.input_pipeline --scale=2000,20000 --stored_size=512
 """
@@ -30,7 +34,9 @@ peak RSS, beside the seed CNN's train step in the same run:
 import json
 import os
 import pathlib
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,10 +50,11 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from benchmarks import scale_config
 from configs import balanced
 import melanoma_jax
-from melanoma_jax import cli, datasets, input_pipeline, models, optim
-from melanoma_jax.datasets import ISIC_CLASSES, preparation, user_folder
+from melanoma_jax import cli, input_pipeline, models, optim
+from melanoma_jax.datasets import ISIC_CLASSES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'image_folder',
@@ -68,7 +75,9 @@ flags.DEFINE_integer('stored_size', 512, 'Scale mode: the side the images are pr
 flags.DEFINE_integer('distinct_images', 8, 'Scale mode: distinct generated images per class.')
 flags.DEFINE_string('scale_dir', None, 'Scale mode: where trees and prepared data go (default: a '
                     'temporary folder, deleted at the end).')
-flags.DEFINE_enum('scale_worker', None, ['prepare', 'stream'], 'Internal: one scale-mode phase.')
+flags.DEFINE_integer('scale_train_steps', 20, 'Scale mode: also train with launch.py (seed CNN, streamed) '
+                     'and stop it by SIGTERM after this many steps; 0: no training run.', lower_bound=0)
+flags.DEFINE_enum('scale_worker', None, ['prepare', 'stream', 'train'], 'Internal: one scale-mode phase.')
 flags.DEFINE_string('scale_root', None, 'Internal: the scale worker\'s folder.')
 
 FIXTURE_SIZE = (600, 450)  # (width, height) of the ISIC archive's JPEGs.
@@ -92,16 +101,6 @@ def write_fixture_tree(root: str, per_class: int) -> None:
         noise = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
         Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(
             folder / f'ISIC_{i:07d}.jpg', quality=90)
-
-
-class ImageFolderScale(user_folder.ImageFolder):
-  """image_folder, with the stored sizes scale mode prepares at."""
-
-  BUILDER_CONFIGS = [preparation.FolderConfig(name=f'{size}px', image_size=size)
-                     for size in (64, 256, 384, 512, 768)]
-
-
-datasets.BUILDERS.setdefault('image_folder_scale', ImageFolderScale)
 
 
 def write_scale_tree(root: str, count: int, size: int, distinct: int) -> None:
@@ -129,15 +128,16 @@ def write_scale_tree(root: str, count: int, size: int, distinct: int) -> None:
 
 
 def _scale_config(root: str):
-  config = balanced.get_config()
-  config.update({'dataset': f'image_folder_scale/{FLAGS.stored_size}px', 'image_size': FLAGS.image_size,
-                 'batch_size': FLAGS.batch_size, 'manual_dir': f'{root}/tree',
-                 'data_dir': f'{root}/tfds', 'streaming': True})
+  config = scale_config.get_config(str(FLAGS.stored_size))
+  config.update({'image_size': FLAGS.image_size, 'batch_size': FLAGS.batch_size,
+                 'manual_dir': f'{root}/tree', 'data_dir': f'{root}/tfds'})
   return config
 
 
 def _scale_worker(phase: str, root: str) -> dict[str, float]:
-  """One phase in this process: prepare the tree, or stream its training batches."""
+  """One phase in this process: prepare the tree, stream its training batches, or train on it."""
+  if phase == 'train':
+    return _train_run(root)
   config = _scale_config(root)
   start = time.perf_counter()
   if phase == 'prepare':
@@ -153,10 +153,41 @@ def _scale_worker(phase: str, root: str) -> dict[str, float]:
           'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _train_run(root: str) -> dict[str, float]:
+  """Runs launch.py on the prepared tree, stops it by SIGTERM past step --scale_train_steps.
+
+  This process only waits on it, so the peak RSS of its children is the
+  training process's own (launch.py re-executes itself in the same process).
+  Its images/s is the median of the per-step rates its log prints, the
+  first step (compilation) left out.
+  """
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  steps = FLAGS.scale_train_steps
+  command = [sys.executable, str(repo / 'launch.py'), f'--config={repo}/benchmarks/scale_config.py:{FLAGS.stored_size}',
+             f'--workdir={root}/run', f'--config.manual_dir={root}/tree', f'--config.data_dir={root}/tfds',
+             f'--config.image_size={FLAGS.image_size}', f'--config.batch_size={FLAGS.batch_size}',
+             '--config.log_every_steps=1']
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo)
+  log, rates, stopped = [], [], False
+  for line in process.stdout:
+    log.append(line)
+    match = re.search(r' step (\d+)/\d+: ([\d.]+) images/s', line)
+    if match and not stopped:
+      rates.append(float(match.group(2)))
+      if len(rates) >= steps:
+        process.send_signal(signal.SIGTERM)  # launch.py saves at the next step and exits 0
+        stopped = True
+  if process.wait() or not stopped:
+    raise RuntimeError(f'training run {"failed" if process.returncode else "ended before the step"}:\n'
+                       f'{"".join(log[-40:])}')
+  return {'train_peak_rss_gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+          'train_images_per_sec': statistics.median(rates[1:] or rates), 'train_steps': len(rates)}
+
+
 def _run_scale_worker(phase: str, root: str) -> dict[str, float]:
   """Runs `_scale_worker` in a fresh process (its own peak RSS); returns its figures."""
   flags_now = [f'--{name}={getattr(FLAGS, name)}' for name in (
-      'image_size', 'batch_size', 'windows', 'stream_window', 'stored_size')]
+      'image_size', 'batch_size', 'windows', 'stream_window', 'stored_size', 'scale_train_steps')]
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.input_pipeline', f'--scale_worker={phase}',
        f'--scale_root={root}', *flags_now], capture_output=True, text=True, check=False,
@@ -196,6 +227,12 @@ def scale_mode() -> None:
             f'{prepared["prepare_s"]:.1f} s ({count / prepared["prepare_s"]:.1f} images/s); stream '
             f'{streamed["stream_images_per_sec"]:.1f} images/s, peak RSS {streamed["peak_rss_gib"]:.2f} GiB '
             f'(split loaded in {streamed["load_s"]:.1f} s)', flush=True)
+      if FLAGS.scale_train_steps:
+        trained = _run_scale_worker('train', root)
+        rows[-1].update(trained)
+        print(f'{count} images at {FLAGS.stored_size} px: training run (launch.py, seed CNN, streamed, stopped '
+              f'after {trained["train_steps"]} steps) {trained["train_images_per_sec"]:.1f} images/s, peak RSS '
+              f'{trained["train_peak_rss_gib"]:.2f} GiB', flush=True)
       subprocess.run(['rm', '-rf', root], check=True)
   step = seed_step_images_per_sec()
   print(f'seed CNN train step: {step:.1f} images/s ({FLAGS.batch_size} per step, {FLAGS.image_size} px, '
@@ -204,6 +241,11 @@ def scale_mode() -> None:
   growth = last['peak_rss_gib'] / first['peak_rss_gib'] - 1
   print(f'peak RSS {last["count"]} vs {first["count"]} images: {growth:+.1%} (target within 10%: '
         f'{"ok" if abs(growth) <= 0.10 else "NO"})')
+  if FLAGS.scale_train_steps:
+    ratio = last['train_peak_rss_gib'] / first['train_peak_rss_gib']
+    print(f'training run peak RSS {last["count"]} vs {first["count"]} images: {last["train_peak_rss_gib"]:.2f} vs '
+          f'{first["train_peak_rss_gib"]:.2f} GiB, ratio {ratio:.3f} (target within 10%: '
+          f'{"ok" if abs(ratio - 1) <= 0.10 else "NO"})')
   slowest = min(row['stream_images_per_sec'] for row in rows)
   print(f'slowest stream / step: {slowest / step:.2f} (target >= 3: {"ok" if slowest >= 3 * step else "NO"})')
 

@@ -86,9 +86,12 @@ def test_benchmark_scale_mode_runs_at_toy_size(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.input_pipeline', '--scale=27', '--stored_size=64',
        '--image_size=32', '--batch_size=8', '--windows=1', '--stream_window=2', '--step_window=1',
-       f'--scale_dir={tmp_path}'], capture_output=True, text=True, env=os.environ.copy(), timeout=600,
-      cwd=pathlib.Path(__file__).resolve().parent.parent, check=False)
+       '--scale_train_steps=2', f'--scale_dir={tmp_path}'], capture_output=True, text=True,
+      env=os.environ.copy(), timeout=600, cwd=pathlib.Path(__file__).resolve().parent.parent, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'27 images at 64 px: .* stream [\d.]+ images/s, peak RSS [\d.]+ GiB', result.stdout)
+  assert re.search(r'27 images at 64 px: training run \(launch.py, .* stopped after 2 steps\) [\d.]+ images/s, '
+                   r'peak RSS [\d.]+ GiB', result.stdout)
   assert re.search(r'seed CNN train step: [\d.]+ images/s', result.stdout)
+  assert re.search(r'training run peak RSS 27 vs 27 images: .* ratio 1.000', result.stdout)
   assert not list(tmp_path.iterdir())  # the generated tree and prepared data are deleted
