@@ -31,7 +31,7 @@ from PIL import Image
 import tensorflow as tf  # noqa: F401  Imported before timing: TFDS imports it lazily.
 import tensorflow_datasets as tfds
 
-from benchmarks.input_pipeline import write_fixture_tree
+from benchmarks.image_trees import write_fixture_tree
 from melanoma_jax import cli, preprocessing
 from melanoma_jax.datasets import preparation, preparation_cache
 

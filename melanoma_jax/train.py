@@ -241,9 +241,10 @@ def _compile_ahead(p_train: Any, state: steps.TrainState, spec: dict[str, tf.Ten
   """The pmapped step compiled now for batches of `spec`, while the first batch is on its way.
 
   (A pmapped function's ahead-of-time compile does not serve its later
-  calls, so the compiled step replaces it.)
+  calls, so the compiled step replaces it.) Several processes compile at
+  the first call: pmap's `lower` cannot take the host-local shapes there.
   """
-  if not all(s.shape.is_fully_defined() for s in jax.tree.leaves(spec)):
+  if jax.process_count() > 1 or not all(s.shape.is_fully_defined() for s in jax.tree.leaves(spec)):
     return p_train  # compiled at its first call
   started = time.perf_counter()
   batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype.as_numpy_dtype), spec)
