@@ -189,13 +189,13 @@ def main(argv: list[str]) -> None:
   if _WORKER.value:
     _keras_worker(_WORKER.value)
     return
-  runtime.configure(reexec=True)
+  runtime.configure(reexec=True, workload='forward')  # as `inference` does
   import jax  # pylint: disable=g-import-not-at-top
 
   n, size, batch = _NUM_IMAGES.value, _IMAGE_SIZE.value, _BATCH_SIZE.value
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; '
         f'{n} {_WIDTH}x{_HEIGHT} JPEGs -> seed_cnn {size}x{size} (stored {_STORED_SIZE.value}), '
-        f'batch {batch}', flush=True)
+        f'batch {batch}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     folder, workdir = os.path.join(tmp, 'images'), os.path.join(tmp, 'run')
     os.makedirs(folder)

@@ -22,9 +22,12 @@ Contenders:
          excluded), median after the compiling first epoch.
 step and keras each run in a process of their own (so neither framework's
 threads or heap slow the other) and alternate in timed windows, so machine
-load hits both alike. Printed: images/sec (median over windows after a
-warm-up step), time to first step (process start to one step done) and
-each contender's peak resident memory.
+load hits both alike. Each window starts with `--warm_steps` untimed steps
+for every contender (their rate is printed apart): the first step after the
+other process's window pays for the memory that process churned, which a
+training run alone never meets. Printed: images/sec (median over windows
+after a warm-up step), time to first step (process start to one step done)
+and each contender's peak resident memory.
 Like launch.py, the benchmark first applies `melanoma_jax.runtime` (XLA:CPU
 flags, huge pages) for step and loop (`--untuned` skips it for step); Keras
 runs as TensorFlow users run it, without huge pages (it does not gain from
@@ -64,6 +67,10 @@ flags.DEFINE_integer('num_classes', 9, 'Classes of the head.', lower_bound=1)
 flags.DEFINE_integer('windows', 5, 'Timed windows per contender.', lower_bound=1)
 flags.DEFINE_integer('steps_per_window', 3, 'Steps per timed window.', lower_bound=1)
 flags.DEFINE_string('conv_impl', 'auto', "seed_cnn only: its conv_impl, e.g. 'native'.")
+flags.DEFINE_integer('warm_steps', 1, "Untimed steps at the start of each contender's window (shown "
+                     'apart): the first step after the other contender ran pays for the memory that process '
+                     'just churned (in ours, the kernel compacting memory for huge pages), which a run alone '
+                     'does not meet.', lower_bound=0)
 flags.DEFINE_float('settle_s', 2.0, "Idle seconds before each window, so the previous contender's "
                    'threads wind down.', lower_bound=0)
 flags.DEFINE_integer('loop_epochs', 3, 'Epochs of the training loop; 0 skips it.', lower_bound=0)
@@ -175,6 +182,7 @@ class _Contender:
     self.process = subprocess.Popen([sys.executable, __file__, *argv, f'--worker={name}'], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.rates: list[float] = []
+    self.warm_rates: list[float] = []
     self.peak_rss_gib = self._reply()['peak_rss_gib']
     self.first_step_s = time.perf_counter() - start
 
@@ -184,12 +192,18 @@ class _Contender:
         return json.loads(line)
     raise RuntimeError(f'{self.process.args} exited with {self.process.wait()}')
 
-  def time_window(self, steps: int, batch_size: int) -> None:
+  def _run(self, steps: int, batch_size: int) -> float:
+    """Images/sec of `steps` steps run now."""
     self.process.stdin.write(f'{steps}\n')
     self.process.stdin.flush()
     reply = self._reply()
-    self.rates.append(steps * batch_size / reply['seconds'])
     self.peak_rss_gib = reply['peak_rss_gib']
+    return steps * batch_size / reply['seconds']
+
+  def time_window(self, steps: int, batch_size: int, warm_steps: int = 0) -> None:
+    if warm_steps:
+      self.warm_rates.append(self._run(warm_steps, batch_size))
+    self.rates.append(self._run(steps, batch_size))
 
 
 def _worker_argv(args) -> list[str]:
@@ -230,7 +244,7 @@ def _bench(args) -> dict[str, float]:
         print(f'loop: skipped ({type(e).__name__}: {str(e)[:200]})', flush=True)
     for contender in contenders.values():
       time.sleep(args.settle_s)
-      contender.time_window(args.steps_per_window, args.batch_size)
+      contender.time_window(args.steps_per_window, args.batch_size, args.warm_steps)
   for contender in contenders.values():
     contender.process.stdin.close()
     contender.process.wait()
@@ -239,8 +253,11 @@ def _bench(args) -> dict[str, float]:
   if loop:
     medians['loop'] = loop['images_per_sec']
   for name, rate in medians.items():
-    detail = (f'windows {min(contenders[name].rates):.1f}-{max(contenders[name].rates):.1f}, '
-              f'peak RSS {contenders[name].peak_rss_gib:.2f} GiB' if name in contenders else
+    contender = contenders.get(name)
+    warm = (f'untimed first steps {statistics.median(contender.warm_rates):.1f}, '
+            if contender and contender.warm_rates else '')
+    detail = (f'windows {min(contender.rates):.1f}-{max(contender.rates):.1f}, {warm}'
+              f'peak RSS {contender.peak_rss_gib:.2f} GiB' if contender else
               f'peak RSS {loop["peak_rss_gib"]:.2f} GiB')
     print(f'{name:6s} {rate:8.1f} images/s ({detail})')
   for ours in ('step', 'loop'):

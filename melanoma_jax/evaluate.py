@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from melanoma_jax import runtime
 
 if __name__ == '__main__':
-  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+  runtime.configure(workload='forward')  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
 
 import jax
 from absl import flags

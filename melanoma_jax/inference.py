@@ -27,7 +27,7 @@ from typing import Any
 from melanoma_jax import runtime
 
 if __name__ == '__main__':
-  runtime.configure()  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+  runtime.configure(workload='forward')  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
 
 import jax
 import numpy as np

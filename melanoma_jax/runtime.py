@@ -13,6 +13,12 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   (`models.seed_cnn_lowering.resolve`). Another jaxlib runs without it, and
   `configure` logs a warning that says so (`slow_path_warning`);
   pyproject.toml allows only the releases measured here or on accelerators.
+* A process that only runs models forward (`inference`, `evaluate`) sends
+  nothing to YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=`, empty):
+  with reductions allowed there, XLA hands a whole forward pass (the seed
+  model's convolutions, poolings and matmuls) to one YNNPACK graph that runs
+  slower than Eigen's convolutions; training has no such graph and keeps the
+  flag above (README, Speed: both measured for every model).
 * glibc returns every freed block over 32 MiB to the kernel, so each step
   faults its GBs of temporaries in again, 4 KiB at a time (README, Speed:
   the page faults and system time with and without transparent huge pages).
@@ -38,16 +44,19 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
-# jaxlib (major, minor) -> XLA:CPU flags measured to speed up the seed model.
+# jaxlib (major, minor) -> {workload: XLA:CPU flags measured to speed it up}.
+# 'train': processes that train (launch.py); 'forward': processes that only
+# run models forward (inference, evaluate).
 _CPU_XLA_FLAGS = {
-    (0, 10): ('--xla_cpu_experimental_ynn_fusion_type=reduce',),
+    (0, 10): {'train': ('--xla_cpu_experimental_ynn_fusion_type=reduce',),
+              'forward': ('--xla_cpu_experimental_ynn_fusion_type=',)},
 }
 
 
-def cpu_xla_flags(jaxlib_version: str) -> tuple[str, ...]:
-  """The XLA:CPU flags for this jaxlib; none for releases they were not measured on."""
+def cpu_xla_flags(jaxlib_version: str, workload: str = 'train') -> tuple[str, ...]:
+  """The XLA:CPU flags for this jaxlib and workload; none for releases they were not measured on."""
   major_minor = tuple(int(part) for part in jaxlib_version.split('.')[:2])
-  return _CPU_XLA_FLAGS.get(major_minor, ())
+  return _CPU_XLA_FLAGS.get(major_minor, {}).get(workload, ())
 
 
 def _jaxlib_version() -> str | None:
@@ -57,9 +66,9 @@ def _jaxlib_version() -> str | None:
     return None
 
 
-def _measured_flags() -> tuple[str, ...]:
+def _measured_flags(workload: str = 'train') -> tuple[str, ...]:
   try:
-    return cpu_xla_flags(_jaxlib_version() or '')
+    return cpu_xla_flags(_jaxlib_version() or '', workload)
   except ValueError:
     return ()
 
@@ -79,9 +88,9 @@ def slow_path_warning(jaxlib_version: str | None) -> str | None:
           f'measured CPU speed, install jax and jaxlib {measured}.')
 
 
-def cpu_flags_active() -> bool:
-  """Whether XLA_FLAGS holds this jaxlib's measured flags (which change the fastest lowering)."""
-  flags = _measured_flags()
+def cpu_flags_active(workload: str = 'train') -> bool:
+  """Whether XLA_FLAGS holds this jaxlib's measured flags for `workload` (they change the fastest lowering)."""
+  flags = _measured_flags(workload)
   return bool(flags) and set(flags) <= set(os.environ.get('XLA_FLAGS', '').split())
 
 
@@ -125,8 +134,10 @@ def _import_tensorflow_quietly() -> None:
       sys.stderr.flush()
 
 
-def configure(reexec: bool = False) -> None:
+def configure(reexec: bool = False, workload: str = 'train') -> None:
   """Applies the settings; call first thing in an entry point, before JAX or TensorFlow load.
+
+  `workload` is 'train', or 'forward' for a process that never trains.
 
   With `reexec`, a Linux process without a GLIBC_TUNABLES of its own is
   replaced by the same command with huge pages; the PID stays the same, so
@@ -134,7 +145,7 @@ def configure(reexec: bool = False) -> None:
   they were not measured on gets a warning instead. Then TensorFlow is
   imported without its start-up banners.
   """
-  os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags())
+  os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags(workload))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
     os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE

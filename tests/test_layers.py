@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from melanoma_jax import models, optim, runtime, steps
-from melanoma_jax.models import seed_cnn_lowering as layers
+from melanoma_jax.models import pointwise, seed_cnn_lowering as layers
 
 LOWERINGS = sorted(layers.LOWERINGS)
 JAXLIB = importlib.metadata.version('jaxlib')
@@ -137,3 +137,28 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(impl):
   assert np.isfinite(float(metrics['loss'][0]))
   assert bf16_logits.dtype == jnp.float32
   _close(bf16_logits, f32_logits, 5e-2)
+
+
+@pytest.mark.parametrize('strides', [1, 2])
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])
+@pytest.mark.parametrize('shape', [(2, 8, 8, 6), (3, 7, 9, 5)])  # even and odd sides
+def test_pointwise_conv_is_nn_conv_in_value_and_gradients(strides, padding, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  reference = nn.Conv(4, (1, 1), strides, padding=padding, use_bias=False)
+  ours = reference.clone(conv_general_dilated=pointwise.conv_general_dilated)
+  variables = reference.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+  _close(jax.jit(ours.apply)(variables, x), reference.apply(variables, x))
+  loss = lambda module: lambda v, y: jnp.sum(jnp.sin(module.apply(v, y)))  # a non-uniform cotangent
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    _close(got, want)
+
+
+def test_pointwise_conv_refuses_what_is_not_a_plain_1x1_convolution():
+  x = jnp.ones((1, 6, 6, 4))
+  for module in (nn.Conv(4, (3, 3), padding='VALID'), nn.Conv(4, (1, 1), padding=((1, 1), (1, 1))),
+                 nn.Conv(4, (1, 1), kernel_dilation=2), nn.Conv(4, (1, 1), feature_group_count=2)):
+    with pytest.raises(NotImplementedError, match='only 1x1 NHWC kernels'):
+      module.clone(conv_general_dilated=pointwise.conv_general_dilated).init(jax.random.key(0), x)

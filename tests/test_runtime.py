@@ -14,6 +14,9 @@ _SHOW = ('import os, sys; from melanoma_jax import runtime; runtime.configure(re
 
 def test_flags_only_for_measured_jaxlib_releases():
   assert runtime.cpu_xla_flags('0.10.2') == ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
+  # Processes that never train send nothing to YNNPACK (an empty list of fusion types).
+  assert runtime.cpu_xla_flags('0.10.2', 'forward') == ('--xla_cpu_experimental_ynn_fusion_type=',)
+  assert runtime.cpu_xla_flags('0.4.38', 'forward') == ()
   assert runtime.cpu_xla_flags('0.4.38') == ()
   assert runtime.cpu_xla_flags('1.0.0') == ()
 
@@ -30,6 +33,17 @@ def test_a_jaxlib_without_measured_flags_is_named_in_a_warning(monkeypatch, capl
   assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
   assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
       runtime.slow_path_warning('0.11.2')]
+
+
+def test_configure_sets_the_flags_of_the_workload(monkeypatch):
+  monkeypatch.setattr(runtime, '_jaxlib_version', lambda: '0.10.2')
+  for workload, flag in (('train', 'reduce'), ('forward', '')):
+    monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+    runtime.configure(workload=workload)
+    assert os.environ['XLA_FLAGS'].split() == [
+        '--xla_force_host_platform_device_count=2', f'--xla_cpu_experimental_ynn_fusion_type={flag}']
+    assert runtime.cpu_flags_active(workload) and not runtime.cpu_flags_active(
+        {'train': 'forward', 'forward': 'train'}[workload])
 
 
 def test_user_flags_win_and_others_are_kept():

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from melanoma_jax.models import interface
+from melanoma_jax.models import interface, pointwise
 from melanoma_jax.models.interface import mark_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,7 +131,8 @@ class MBConv(nn.Module):
         use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
         axis_name=self.axis_name, dtype=self.dtype, name=name)
     conv1x1 = lambda features, name: nn.Conv(
-        features, (1, 1), use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name=name)
+        features, (1, 1), use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name=name,
+        conv_general_dilated=pointwise.conv_general_dilated)
     features = self.features_in * self.expand_ratio
     x = inputs
     if self.expand_ratio != 1:
@@ -206,8 +207,8 @@ class EfficientNet(interface.Classifier):
         features_in = features_out
         index += 1
 
-    x = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False,
-                kernel_init=_conv_init, dtype=self.dtype, name='top_conv')(x)
+    x = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, kernel_init=_conv_init,
+                dtype=self.dtype, name='top_conv', conv_general_dilated=pointwise.conv_general_dilated)(x)
     x = nn.swish(batch_norm('top_bn')(x))
     x = mark_features(self, x)
     x = jnp.mean(x, axis=(1, 2))
