@@ -281,7 +281,7 @@ def main(argv: list[str]) -> None:
     runtime.configure(reexec=True)
   names = ALL_MODELS if args.model == 'all' else tuple(args.model.split(','))
   settings = {name: getattr(args, name) for name in (
-      'batch_size', 'num_classes', 'windows', 'steps_per_window', 'conv_impl', 'settle_s',
+      'batch_size', 'num_classes', 'windows', 'steps_per_window', 'warm_steps', 'conv_impl', 'settle_s',
       'loop_epochs', 'loop_models', 'no_keras')}
   results = {}
   for name in names:
