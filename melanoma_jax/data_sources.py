@@ -35,6 +35,10 @@ def _is_local(path: str) -> bool:
   return '://' not in path
 
 
+# What to do about prepared files that are damaged.
+_REPREPARE = 'delete the dataset folder and rerun with --mode=prepare.'
+
+
 class RecordFiles:
   """Random access to the serialized examples of one prepared TFDS split, in `as_dataset` order."""
 
@@ -53,8 +57,7 @@ class RecordFiles:
       starts, sizes = _scan_frames(self._paths[file])
       if len(starts) != instruction.examples_in_shard:
         raise DataError(f'{self._paths[file]} holds {len(starts)} records where the dataset info '
-                        f'says {instruction.examples_in_shard}: the prepared files are damaged; '
-                        'delete the dataset folder and rerun with --mode=prepare.')
+                        f'says {instruction.examples_in_shard}: the prepared files are damaged; {_REPREPARE}')
       take = slice(instruction.skip, instruction.skip + instruction.take)
       files.append(np.full(len(starts[take]), file, np.int32))
       offsets.append(starts[take])
@@ -107,7 +110,7 @@ class RecordFiles:
           data = f.read(int(length))
       if len(data) != length:
         raise DataError(f'{self._paths[file]} ends inside record {record}: the prepared files are '
-                        'damaged; delete the dataset folder and rerun with --mode=prepare.')
+                        f'damaged; {_REPREPARE}')
       out.append(data)
     return out
 
@@ -127,14 +130,14 @@ def _scan_frames(path: str) -> tuple[np.ndarray, np.ndarray]:
       if not header:
         break
       if len(header) < _HEADER_BYTES:
-        raise DataError(f'{path} is truncated: delete the dataset folder and rerun with --mode=prepare.')
+        raise DataError(f'{path} is truncated: {_REPREPARE}')
       (length,) = struct.unpack('<Q', header[:8])
       starts.append(position)
       sizes.append(length)
       position += _HEADER_BYTES + length + _FOOTER_BYTES
       f.seek(position)
     if f.seek(0, os.SEEK_END) != position:
-      raise DataError(f'{path} is truncated: delete the dataset folder and rerun with --mode=prepare.')
+      raise DataError(f'{path} is truncated: {_REPREPARE}')
   return np.array(starts, np.int64), np.array(sizes, np.int64)
 
 
