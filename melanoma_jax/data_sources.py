@@ -38,6 +38,18 @@ def _is_local(path: str) -> bool:
 # What to do about prepared files that are damaged.
 _REPREPARE = 'delete the dataset folder and rerun with --mode=prepare.'
 
+# tf.data's autotuning off: an autotuned iterator, once done, waits for its
+# tuning thread's next wake-up (up to a minute) before it is freed, which
+# stalled the end of every training epoch. Parallel maps then use as many
+# threads as the CPU has.
+_OPTIONS = tf.data.Options()
+_OPTIONS.autotune.enabled = False
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator:
+  """`ds`'s elements as NumPy (`tfds.as_numpy`), with tf.data's autotuning off."""
+  return iter(tfds.as_numpy(ds.with_options(_OPTIONS)))
+
 
 class RecordFiles:
   """Random access to the serialized examples of one prepared TFDS split, in `as_dataset` order."""
@@ -94,7 +106,7 @@ class RecordFiles:
     if not shards:
       return iter(())
     ds = functools.reduce(lambda a, b: a.concatenate(b), shards)
-    return iter(tfds.as_numpy(ds.map(parse).batch(1024)))
+    return as_numpy(ds.map(parse).batch(1024))
 
   def read(self, records: np.ndarray) -> list[bytes]:
     """The serialized examples at positions `records` of the split."""

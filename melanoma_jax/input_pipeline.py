@@ -174,7 +174,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int,
     columns, pixels = stored.columns(builder.info.features), None
   else:
     ds = builder.as_dataset(split=split, shuffle_files=False)
-    columns = tfds.as_numpy(ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256))
+    columns = data_sources.as_numpy(ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(256))
     # Images go straight into one array, so reading never holds them twice.
     pixels = np.empty((builder.info.splits[split].num_examples, image_size, image_size, 3), np.uint8)
   parts, filled = [], 0
@@ -508,7 +508,7 @@ def expected_draws_per_class(labels: np.ndarray, num_classes: int, balance: bool
 def train_batches(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
                   epoch: int, num_steps: int, skip_steps: int = 0) -> Iterator[Batch]:
   """One epoch of this host's training batches (`train_dataset`'s, as NumPy)."""
-  return iter(tfds.as_numpy(train_dataset(train, config, num_classes, epoch, num_steps, skip_steps)))
+  return data_sources.as_numpy(train_dataset(train, config, num_classes, epoch, num_steps, skip_steps))
 
 
 def train_dataset(train: Examples, config: ml_collections.ConfigDict, num_classes: int,
@@ -580,7 +580,7 @@ class BatchesAhead:
       dataset = make()
       self._spec = dataset.element_spec
       self._built.set()
-      batches = iter(tfds.as_numpy(dataset))
+      batches = data_sources.as_numpy(dataset)
       self._batches = itertools.chain([next(batches)], batches)
     except BaseException as e:  # raised again in the thread that asks
       self._error = e
@@ -634,4 +634,4 @@ def _image_batches(images: 'np.ndarray | data_sources.StoredImages', batch: int)
     return
   indices = tf.data.Dataset.range(len(images)).map(lambda i: {'index': i})
   ds = data_sources.with_images(indices, images, READ_CHUNK).map(lambda ex: ex['image'])
-  yield from tfds.as_numpy(ds.batch(batch).prefetch(2))
+  yield from data_sources.as_numpy(ds.batch(batch).prefetch(2))

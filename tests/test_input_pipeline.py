@@ -136,3 +136,19 @@ def test_groups_csv_keeps_each_lesion_on_one_side(tiny_config, tmp_path):
   assert len(data.train) + len(data.val) == 24 and len(data.test) == 4
   assert not set(data.train.group_ids) & set(data.val.group_ids)
   assert len(data.val) % 3 == 0 and len(data.val) > 0
+
+
+def test_every_pipeline_runs_without_tf_data_autotuning(data, tiny_config, monkeypatch):
+  """An autotuned tf.data iterator, once done, waits for its tuning thread's next wake-up
+  (up to a minute) before it is freed: that stalled the end of every training epoch."""
+  autotuned, as_numpy = [], tfds.as_numpy
+
+  def recording(ds):
+    autotuned.append(ds.options().autotune.enabled is not False)  # None: TensorFlow's default, on
+    return as_numpy(ds)
+
+  monkeypatch.setattr(tfds, 'as_numpy', recording)
+  list(input_pipeline.train_batches(data.train, tiny_config, 9, 1, 2))
+  list(input_pipeline.BatchesAhead(lambda: input_pipeline.train_dataset(data.train, tiny_config, 9, 1, 2)).batches())
+  input_pipeline.load_data(tiny_config)  # reads its train and test splits
+  assert len(autotuned) == 4 and not any(autotuned)
