@@ -3,7 +3,7 @@
   python benchmarks/conv_layers.py                 # 180 px, batch 32, as train_throughput.py
   python benchmarks/conv_layers.py --repeats=3     # quick
 
-Where the seed model's step and prediction lose to Keras, the time is in
+Where the seed model's training step loses to Keras, the time is in
 these kernels. For each 3x3 convolution of the model (its input shape at
 the given image size), times the forward pass, the input gradient and the
 kernel gradient as separate programs: in this process, jitted JAX with the
