@@ -23,6 +23,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, '..'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -37,6 +39,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs of each program (the b
 _WORKER = flags.DEFINE_bool('tf_worker', False, 'Internal: time the TensorFlow side and print JSON.')
 
 _OPS = ('forward', 'input grad', 'kernel grad')
+# (input, kernel, output gradient) -> {op: a call that runs it and waits for it}.
+_Programs = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, Callable[[], None]]]
 
 
 def _ops(layer: str) -> tuple[str, ...]:
@@ -62,50 +66,49 @@ def _best_ms(run: Callable[[], None], repeats: int) -> float:
   return min(times) * 1e3
 
 
-def _tf_times(batch: int, size: int, repeats: int) -> dict[str, dict[str, float]]:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+def _time_layers(batch: int, size: int, repeats: int, programs: _Programs) -> dict[str, dict[str, float]]:
+  """Best milliseconds of each layer's ops, as `programs` runs them."""
   rng = np.random.default_rng(0)
   times = {}
   for name, side, cin, cout in _layers(size):
-    x = tf.constant(rng.random((batch, side, side, cin), np.float32))
-    w = tf.constant(rng.random((3, 3, cin, cout), np.float32))
-    dy = tf.constant(rng.random((batch, side - 2, side - 2, cout), np.float32))
-    programs = {
-        'forward': tf.function(lambda x=x, w=w: tf.nn.conv2d(x, w, 1, 'VALID')),
-        'input grad': tf.function(lambda x=x, w=w, dy=dy: tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=[1, 1, 1, 1], padding='VALID')),
-        'kernel grad': tf.function(lambda x=x, w=w, dy=dy: tf.raw_ops.Conv2DBackpropFilter(
-            input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=[1, 1, 1, 1], padding='VALID')),
-    }
-    times[name] = {op: _best_ms(lambda f=programs[op]: f().numpy(), repeats) for op in _ops(name)}
+    run = programs(rng.random((batch, side, side, cin), np.float32),
+                   rng.random((3, 3, cin, cout), np.float32),
+                   rng.random((batch, side - 2, side - 2, cout), np.float32))
+    times[name] = {op: _best_ms(run[op], repeats) for op in _ops(name)}
   return times
 
 
-def _jax_times(batch: int, size: int, repeats: int, conv_impl: str) -> dict[str, dict[str, float]]:
+def _tf_programs(x: np.ndarray, w: np.ndarray, dy: np.ndarray) -> dict[str, Callable[[], None]]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  x, w, dy = tf.constant(x), tf.constant(w), tf.constant(dy)
+  forward = tf.function(lambda: tf.nn.conv2d(x, w, 1, 'VALID'))
+  input_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropInput(
+      input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=[1, 1, 1, 1], padding='VALID'))
+  kernel_grad = tf.function(lambda: tf.raw_ops.Conv2DBackpropFilter(
+      input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=[1, 1, 1, 1], padding='VALID'))
+  return {'forward': lambda: forward().numpy(), 'input grad': lambda: input_grad().numpy(),
+          'kernel grad': lambda: kernel_grad().numpy()}
+
+
+def _jax_programs(conv_impl: str) -> _Programs:
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from melanoma_jax.models import seed_cnn_lowering  # pylint: disable=g-import-not-at-top
 
   conv = seed_cnn_lowering.conv_general_dilated(conv_impl)
   apply = lambda x, w: conv(x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  rng = np.random.default_rng(0)
-  times = {}
-  for name, side, cin, cout in _layers(size):
-    x = jax.device_put(rng.random((batch, side, side, cin), np.float32))
-    w = jax.device_put(rng.random((3, 3, cin, cout), np.float32))
-    dy = jax.device_put(rng.random((batch, side - 2, side - 2, cout), np.float32))
-    programs = {
-        'forward': jax.jit(apply),
-        'input grad': jax.jit(lambda x, w, dy: jax.vjp(lambda x: apply(x, w), x)[1](dy)[0]),
-        'kernel grad': jax.jit(lambda x, w, dy: jax.vjp(lambda w: apply(x, w), w)[1](dy)[0]),
-    }
-    args = {'forward': (x, w), 'input grad': (x, w, dy), 'kernel grad': (x, w, dy)}
-    times[name] = {op: _best_ms(lambda f=programs[op], a=args[op]: jax.block_until_ready(f(*a)), repeats)
-                   for op in _ops(name)}
-  return times
+  forward = jax.jit(apply)
+  input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: apply(x, w), x)[1](dy)[0])
+  kernel_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: apply(x, w), w)[1](dy)[0])
+
+  def programs(x, w, dy):
+    x, w, dy = jax.device_put((x, w, dy))
+    return {'forward': lambda: jax.block_until_ready(forward(x, w)),
+            'input grad': lambda: jax.block_until_ready(input_grad(x, w, dy)),
+            'kernel grad': lambda: jax.block_until_ready(kernel_grad(x, w, dy))}
+
+  return programs
 
 
 def _tf_process(batch: int, size: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -122,7 +125,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   batch, size, repeats = _BATCH_SIZE.value, _IMAGE_SIZE.value, _REPEATS.value
   if _WORKER.value:
-    print(json.dumps(_tf_times(batch, size, repeats)), flush=True)
+    print(json.dumps(_time_layers(batch, size, repeats, _tf_programs)), flush=True)
     return
   runtime.configure(reexec=True)  # as launch.py
   import jax  # pylint: disable=g-import-not-at-top
@@ -133,7 +136,7 @@ def main(argv: list[str]) -> None:
         f'convolutions at {size}x{size}, batch {batch}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}',
         flush=True)
   auto = seed_cnn_lowering.resolve('auto')
-  ours = {'native': _jax_times(batch, size, repeats, 'native'), auto: _jax_times(batch, size, repeats, auto)}
+  ours = {impl: _time_layers(batch, size, repeats, _jax_programs(impl)) for impl in ('native', auto)}
   tf_ms = _tf_process(batch, size, repeats)
   print(f'\n{"layer":6s} {"shape":>18s} {"op":12s} {"GFLOP":>6s} {"TF ms":>7s} {"native ms":>9s} '
         f'{auto + " ms":>10s} {"TF GF/s":>8s} {"ours GF/s":>9s} {"TF/ours":>7s}')

@@ -20,6 +20,15 @@ from jax import lax
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+def is_plain_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, feature_group_count: int,
+                  lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None) -> bool:
+  """Whether a convolution is 2-D NHWC/HWIO, without dilation or groups: what the CPU lowerings take."""
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  return (lhs.ndim == 4 and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+          and feature_group_count == 1
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Sequence[int] | None = None,
                          rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
@@ -30,11 +39,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   Refuses what a 1x1 convolution of nn.Conv's layout does not need (padding,
   dilation, groups) rather than silently computing something else.
   """
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   zero_padding = padding in ('SAME', 'VALID') or all(tuple(pair) == (0, 0) for pair in padding)
-  if (lhs.ndim != 4 or dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-      or rhs.shape[:2] != (1, 1) or not zero_padding or feature_group_count != 1
-      or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) or unsupported):
+  if (not is_plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, lhs_dilation, rhs_dilation)
+      or rhs.shape[:2] != (1, 1) or not zero_padding or unsupported):
     raise NotImplementedError('pointwise.conv_general_dilated takes only 1x1 NHWC kernels, '
                               'without padding, dilation or groups.')
   if jax.default_backend() != 'cpu':

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from melanoma_jax import runtime
+from melanoma_jax.models import pointwise
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Below this many input channels `_weight_grad`'s copies cost more than they save.
@@ -136,11 +137,9 @@ def conv_general_dilated(conv_impl: str) -> Callable[..., jax.Array]:
            rhs_dilation: Sequence[int] | None = None,
            dimension_numbers: Any = None, feature_group_count: int = 1,
            precision: Any = None, **unsupported) -> jax.Array:
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    if (lhs.ndim != 4 or dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-        or tuple(window_strides) != (1, 1) or padding != 'VALID' or feature_group_count != 1
-        or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-        or precision is not None or unsupported):
+    plain = pointwise.is_plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, lhs_dilation,
+                                    rhs_dilation)
+    if not plain or tuple(window_strides) != (1, 1) or padding != 'VALID' or precision is not None or unsupported:
       raise NotImplementedError(
           f'conv_impl={conv_impl!r} lowers only 2-D NHWC stride-1 VALID convolutions.')
     return impl(lhs, rhs)
