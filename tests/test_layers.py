@@ -1,6 +1,9 @@
 """Every conv/pool lowering computes what nn.Conv / nn.max_pool compute, with the same parameters."""
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,9 +14,13 @@ import optax
 import pytest
 
 from melanoma_jax import models, optim, runtime, steps
-from melanoma_jax.models import pointwise, seed_cnn_lowering as layers
+from melanoma_jax.models import efficientnet, onednn, pointwise, seed_cnn_lowering as layers
 
-LOWERINGS = sorted(layers.LOWERINGS)
+ONEDNN_MISSING = onednn.unavailable_reason()
+# The lowerings this machine runs ('onednn' needs the optional oneDNN wheels; CI installs them).
+RUNNABLE = sorted(set(layers.LOWERINGS) - ({'onednn'} if ONEDNN_MISSING else set()))
+LOWERINGS = [pytest.param(impl, marks=pytest.mark.skipif(
+    impl not in RUNNABLE, reason=f'oneDNN unavailable: {ONEDNN_MISSING}')) for impl in sorted(layers.LOWERINGS)]
 JAXLIB = importlib.metadata.version('jaxlib')
 
 
@@ -72,9 +79,39 @@ def test_unsupported_convolutions_are_refused():
 def test_auto_picks_the_cpu_lowering_for_the_xla_flags(monkeypatch):
   assert jax.default_backend() == 'cpu'
   assert runtime.cpu_flags_active()  # conftest configures the runtime as launch.py does
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: None)
+  assert layers.resolve('auto') == 'onednn'
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: 'onednn is not installed')
   assert layers.resolve('auto') == 'padded'
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
   assert layers.resolve('auto') == 'mixed'
+
+
+def test_onednn_refused_with_the_reason_where_it_cannot_run(monkeypatch):
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: 'onednn is not installed: pip install')
+  with pytest.raises(ValueError, match="conv_impl='onednn' runs only on a CPU.*not installed"):
+    layers.resolve('onednn')
+
+
+def test_onednn_build_problems_say_what_to_install(tmp_path, monkeypatch):
+  with pytest.raises(onednn.Unavailable, match=r"no-such-wheel is not installed: pip install -e '\.\[onednn\]'"):
+    onednn._installed_file('no-such-wheel', 'dnnl.hpp')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  with pytest.raises(onednn.Unavailable, match='no C\\+\\+ compiler'):
+    onednn._build(str(tmp_path), [], 'key')
+  assert not list(tmp_path.rglob('*.so'))
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+def test_onednn_gradients_are_the_same_bits_every_run():
+  """Bitwise resume needs a deterministic step: oneDNN's kernel gradient reduces in a fixed order."""
+  x = jax.random.normal(jax.random.key(0), (4, 20, 20, 16))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(onednn.conv(x, k))), argnums=(0, 1)))
+  first = grad(x, kernel)
+  for _ in range(3):
+    jax.tree.map(np.testing.assert_array_equal, grad(x, kernel), first)
 
 
 def _images(n=2, size=32):
@@ -85,7 +122,7 @@ def test_model_checkpoints_and_gradients_carry_across_lowerings():
   images, labels = _images(), np.array([3, 7])
   init = lambda impl: models.SeedCNN(9, conv_impl=impl).init(jax.random.key(0), images, train=False)
   # Same names, shapes and dtypes: a checkpoint of one lowering restores in any other.
-  shapes = {impl: jax.eval_shape(lambda: init(impl)) for impl in LOWERINGS}
+  shapes = {impl: jax.eval_shape(lambda: init(impl)) for impl in RUNNABLE}
   assert all(tree == shapes['native'] for tree in shapes.values())
 
   variables = init('native')
@@ -99,7 +136,7 @@ def test_model_checkpoints_and_gradients_carry_across_lowerings():
     return jax.grad(loss, has_aux=True)(params)
 
   reference = jax.jit(lambda p: grads_and_logits('native', p))(variables['params'])
-  for impl in set(LOWERINGS) - {'native'}:
+  for impl in set(RUNNABLE) - {'native'}:
     ours = jax.jit(lambda p, impl=impl: grads_and_logits(impl, p))(variables['params'])
     jax.tree.map(lambda a, b: _close(a, b, 1e-4), ours, reference)
 
@@ -139,6 +176,17 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(impl):
   _close(bf16_logits, f32_logits, 5e-2)
 
 
+def _assert_same_values_and_gradients(ours: nn.Module, reference: nn.Module, variables: dict,
+                                      x: jax.Array):
+  """`ours` (jitted) gives `reference`'s outputs and its gradients for the variables and the input."""
+  _close(jax.jit(ours.apply)(variables, x), reference.apply(variables, x))
+  loss = lambda module: lambda v, y: jnp.sum(jnp.sin(module.apply(v, y)))  # a non-uniform cotangent
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+  expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    _close(got, want)
+
+
 @pytest.mark.parametrize('strides', [1, 2])
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])
 @pytest.mark.parametrize('shape', [(2, 8, 8, 6), (3, 7, 9, 5)])  # even and odd sides
@@ -148,12 +196,7 @@ def test_pointwise_conv_is_nn_conv_in_value_and_gradients(strides, padding, shap
   ours = reference.clone(conv_general_dilated=pointwise.conv_general_dilated)
   variables = reference.init(jax.random.key(1), x)
   assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
-  _close(jax.jit(ours.apply)(variables, x), reference.apply(variables, x))
-  loss = lambda module: lambda v, y: jnp.sum(jnp.sin(module.apply(v, y)))  # a non-uniform cotangent
-  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
-  expected = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-    _close(got, want)
+  _assert_same_values_and_gradients(ours, reference, variables, x)
 
 
 def test_pointwise_conv_refuses_what_is_not_a_plain_1x1_convolution():
@@ -162,3 +205,71 @@ def test_pointwise_conv_refuses_what_is_not_a_plain_1x1_convolution():
                  nn.Conv(4, (1, 1), kernel_dilation=2), nn.Conv(4, (1, 1), feature_group_count=2)):
     with pytest.raises(NotImplementedError, match='only 1x1 NHWC kernels'):
       module.clone(conv_general_dilated=pointwise.conv_general_dilated).init(jax.random.key(0), x)
+
+
+def _ops_in(fn, *args) -> set[str]:
+  return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+@pytest.mark.parametrize('kernel,strides,padding', [
+    (3, 1, 'SAME'), (3, 2, 'SAME'), (3, 2, ((0, 1), (1, 0))),  # ResNet, EfficientNet stem
+    (7, 2, ((3, 3), (3, 3))), (4, 4, 'VALID')])                 # ResNet stem, ViT patches
+@pytest.mark.parametrize('shape', [(2, 12, 12, 3), (3, 9, 11, 5)])  # even and odd sides
+def test_onednn_conv_is_nn_conv_in_value_and_gradients(kernel, strides, padding, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  reference = nn.Conv(4, (kernel, kernel), strides, padding=padding)
+  ours = reference.clone(conv_general_dilated=onednn.conv_general_dilated)
+  variables = reference.init(jax.random.key(1), x)
+  assert 'ffi_call' in _ops_in(jax.grad(lambda v: jnp.sum(ours.apply(v, x))), variables)
+  _assert_same_values_and_gradients(ours, reference, variables, x)
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+@pytest.mark.parametrize('groups,features', [(2, 6), (8, 8)])  # grouped; depthwise
+@pytest.mark.parametrize('strides', [1, 2])
+def test_onednn_grouped_conv_is_nn_conv_in_value_and_gradients(groups, features, strides):
+  x = jax.random.normal(jax.random.key(0), (2, 11, 10, 8))
+  reference = nn.Conv(features, (3, 3), strides, padding='SAME', feature_group_count=groups)
+  ours = reference.clone(conv_general_dilated=onednn.conv_general_dilated)
+  variables = reference.init(jax.random.key(1), x)
+  assert 'ffi_call' in _ops_in(jax.grad(lambda v: jnp.sum(ours.apply(v, x))), variables)
+  _assert_same_values_and_gradients(ours, reference, variables, x)
+
+
+@pytest.mark.parametrize('on_onednn', [pytest.param(True, marks=pytest.mark.skipif(
+    bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')), False])
+@pytest.mark.parametrize('kernel,strides', [(3, 1), (3, 2), (5, 2)])
+def test_efficientnet_depthwise_conv_is_grouped_nn_conv(on_onednn, kernel, strides, monkeypatch):
+  """Both of its CPU paths (oneDNN's depthwise kernels, shifted products) compute nn.Conv's function."""
+  if not on_onednn:
+    monkeypatch.setattr(onednn, 'runs', lambda *arrays: False)
+  x = jax.random.normal(jax.random.key(0), (2, 11, 10, 8))
+  reference = nn.Conv(8, (kernel, kernel), strides, padding='SAME', feature_group_count=8, use_bias=False)
+  ours = efficientnet.DepthwiseConv(kernel, strides, jnp.float32)
+  variables = reference.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+  assert ('ffi_call' in _ops_in(lambda v: ours.apply(v, x), variables)) == on_onednn
+  _assert_same_values_and_gradients(ours, reference, variables, x)
+
+
+@pytest.mark.parametrize('module', [nn.Conv(4, (3, 3), kernel_dilation=2),
+                                    nn.Conv(4, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)])
+def test_onednn_conv_leaves_what_it_does_not_take_to_xla(module):
+  x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
+  ours = module.clone(conv_general_dilated=onednn.conv_general_dilated)
+  variables = module.init(jax.random.key(1), x)
+  assert 'ffi_call' not in _ops_in(ours.apply, variables, x)
+  np.testing.assert_array_equal(jax.jit(ours.apply)(variables, x), jax.jit(module.apply)(variables, x))
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+def test_a_machine_where_onednn_cannot_run_trains_on_xla_and_says_why():
+  """oneDNN installed but unable to run (here: no OpenCL CPU runtime to reach) is found before any step."""
+  code = ('from melanoma_jax.models import onednn, seed_cnn_lowering as s; '
+          "print(s.resolve('auto')); print(onednn.unavailable_reason())")
+  env = {**os.environ, 'OCL_ICD_FILENAMES': '/nonexistent/libintelocl.so'}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True, timeout=300).stdout.splitlines()
+  assert out[0] in ('padded', 'mixed')
+  assert out[1].startswith('oneDNN cannot run a convolution on this machine: ')

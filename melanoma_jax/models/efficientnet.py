@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from melanoma_jax.models import interface, pointwise
+from melanoma_jax.models import interface, onednn, pointwise
 from melanoma_jax.models.interface import mark_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -192,7 +192,8 @@ class EfficientNet(interface.Classifier):
         use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
         axis_name=self.axis_name, dtype=self.dtype, name=name)
     x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding='SAME',
-                use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name='stem_conv')(x)
+                use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name='stem_conv',
+                conv_general_dilated=onednn.conv_general_dilated)(x)
     x = nn.swish(batch_norm('stem_bn')(x))
 
     total = sum(round_repeats(stage[1], self.depth) for stage in STAGES)

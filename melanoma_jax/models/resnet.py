@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from melanoma_jax.models import interface, pointwise
+from melanoma_jax.models import interface, onednn, pointwise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,9 +73,9 @@ class ResNet(interface.Classifier):
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     def conv(features, kernel, strides=1, name=None):
       pad = kernel // 2
-      lowering = {'conv_general_dilated': pointwise.conv_general_dilated} if kernel == 1 else {}
+      lowering = pointwise.conv_general_dilated if kernel == 1 else onednn.conv_general_dilated
       return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
-                     use_bias=False, dtype=self.dtype, name=name, **lowering)
+                     use_bias=False, dtype=self.dtype, name=name, conv_general_dilated=lowering)
 
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                              epsilon=1e-5, axis_name=self.axis_name, dtype=self.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from melanoma_jax import runtime
-from melanoma_jax.models import pointwise
+from melanoma_jax.models import onednn, pointwise
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Below this many input channels `_weight_grad`'s copies cost more than they save.
@@ -82,6 +82,13 @@ def _mixed_bwd(residuals, g):
 _mixed_conv.defvjp(_mixed_fwd, _mixed_bwd)
 
 
+def _onednn_conv(lhs, rhs):
+  """oneDNN's kernels, Keras' on x86 (`onednn.conv`), for float32; other dtypes stay `padded`."""
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    return _padded_conv(lhs, rhs)
+  return onednn.conv(lhs, rhs)
+
+
 def _native_pool(x):
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
@@ -109,6 +116,8 @@ LOWERINGS: dict[str, tuple[Callable[..., jax.Array], Callable[[jax.Array], jax.A
     # A padded forward and a matmul kernel gradient: fastest on CPU without
     # them (XLA's own kernel gradient is then the slowest part of the step).
     'mixed': (_mixed_conv, _reshape_pool),
+    # oneDNN's convolutions called from XLA (optional wheels, CPU only).
+    'onednn': (_onednn_conv, _reshape_pool),
 }
 
 
@@ -117,9 +126,14 @@ def resolve(conv_impl: str) -> str:
   if conv_impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'native'
+    if not onednn.unavailable_reason():
+      return 'onednn'
     return 'padded' if runtime.cpu_flags_active() else 'mixed'
   if conv_impl not in LOWERINGS:
     raise ValueError(f'Unknown conv_impl {conv_impl!r}; choose auto or one of {sorted(LOWERINGS)}.')
+  if conv_impl == 'onednn' and (jax.default_backend() != 'cpu' or onednn.unavailable_reason()):
+    raise ValueError("conv_impl='onednn' runs only on a CPU with oneDNN available: "
+                     f'{onednn.unavailable_reason() or f"this run is on {jax.default_backend()}"}')
   return conv_impl
 
 

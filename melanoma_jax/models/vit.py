@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import scipy.ndimage
 
-from melanoma_jax.models import interface
+from melanoma_jax.models import interface, onednn
 
 LAYER_NORM_EPSILON = 1e-6
 
@@ -96,7 +96,8 @@ class ViT(interface.Classifier):
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     x = tf_preprocessing(images, self.dtype)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='embedding')(x)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='embedding',
+                conv_general_dilated=onednn.conv_general_dilated)(x)
     batch, h, w, width = x.shape
     cls = self.param('cls', nn.initializers.zeros, (1, 1, width))
     x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (batch, 1, width)),

@@ -1,0 +1,203 @@
+// 2-D convolutions (NHWC input, HWIO kernel, any strides and padding, no
+// dilation or groups, float32) as XLA FFI handlers running oneDNN, the library TensorFlow/Keras
+// use on x86 CPUs. XLA:CPU runs convolutions with Eigen, whose kernel
+// gradients take about twice oneDNN's time. Built and loaded by
+// melanoma_jax/models/onednn.py; every buffer is XLA's own (no copies).
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+// The input's (batch, height, width, channels), the kernel's (height, width,
+// output channels), then strides (h, w) and padding (top, bottom, left, right).
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+struct Geometry {
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Streams are not thread-safe; XLA may run two convolutions at once.
+dnnl::stream& Stream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+// The three primitives of one layer shape. The gradients keep the
+// activations in XLA's NHWC layout and let oneDNN pick the kernel's layout
+// (its fast gradient kernels need a blocked one); kernels are reordered.
+struct Layer {
+  memory::desc src, weights, dst;
+  dnnl::convolution_forward forward;
+  dnnl::convolution_backward_data::primitive_desc data_pd;
+  dnnl::convolution_backward_data backward_data;
+  dnnl::reorder weights_to_data;
+  dnnl::convolution_backward_weights::primitive_desc weights_pd;
+  dnnl::convolution_backward_weights backward_weights;
+  dnnl::reorder weights_grad_to_hwio;
+};
+
+std::unique_ptr<Layer> MakeLayer(const Key& key) {
+  auto [n, h, w, c, kh, kw, f, sh, sw, pt, pb, pl, pr] = key;
+  const memory::dims src{n, c, h, w}, weights{f, c, kh, kw},
+      dst{n, f, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1};
+  const memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
+  auto desc = [](const memory::dims& dims, Tag tag) {
+    return memory::desc(dims, memory::data_type::f32, tag);
+  };
+  auto layer = std::make_unique<Layer>();
+  layer->src = desc(src, Tag::nhwc);
+  layer->weights = desc(weights, Tag::hwio);
+  layer->dst = desc(dst, Tag::nhwc);
+  const auto any_weights = desc(weights, Tag::any);
+  auto& engine = Engine();
+  const auto algorithm = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc forward_pd(
+      engine, dnnl::prop_kind::forward_training, algorithm, layer->src, layer->weights, layer->dst,
+      strides, pad_l, pad_r);
+  layer->forward = dnnl::convolution_forward(forward_pd);
+  layer->data_pd = dnnl::convolution_backward_data::primitive_desc(
+      engine, algorithm, layer->src, any_weights, layer->dst, strides, pad_l, pad_r, forward_pd);
+  layer->backward_data = dnnl::convolution_backward_data(layer->data_pd);
+  layer->weights_to_data = dnnl::reorder(
+      dnnl::reorder::primitive_desc(engine, layer->weights, engine, layer->data_pd.weights_desc()));
+  layer->weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      engine, algorithm, layer->src, any_weights, layer->dst, strides, pad_l, pad_r, forward_pd);
+  layer->backward_weights = dnnl::convolution_backward_weights(layer->weights_pd);
+  layer->weights_grad_to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(
+      engine, layer->weights_pd.diff_weights_desc(), engine, layer->weights));
+  return layer;
+}
+
+// Primitives are built once per shape (building one compiles its kernel).
+const Layer& GetLayer(const Key& key) {
+  static std::mutex mutex;
+  static std::map<Key, std::unique_ptr<Layer>> layers;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& layer = layers[key];
+  if (!layer) layer = MakeLayer(key);
+  return *layer;
+}
+
+Key KeyOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel, const Geometry& g) {
+  return {x[0],       x[1],       x[2],      x[3],         kernel[0],   kernel[1], kernel[3],
+          g.stride_h, g.stride_w, g.pad_top, g.pad_bottom, g.pad_left, g.pad_right};
+}
+
+memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine(), data); }
+
+template <typename Run>
+ffi::Error Guarded(Run run) {
+  try {
+    run();
+    Stream().wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, Geometry g,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  return Guarded([&] {
+    const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g));
+    layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
+                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel.typed_data())},
+                                     {DNNL_ARG_DST, Wrap(layer.dst, y->typed_data())}});
+  });
+}
+
+// The input gradient; `x` only gives the input's shape (XLA passes no data we read).
+ffi::Error BackwardData(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                        ffi::Buffer<ffi::F32> dy, Geometry g, ffi::ResultBuffer<ffi::F32> dx) {
+  return Guarded([&] {
+    const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g));
+    memory blocked(layer.data_pd.weights_desc(), Engine());
+    memory hwio = Wrap(layer.weights, kernel.typed_data());
+    layer.weights_to_data.execute(Stream(), hwio, blocked);
+    layer.backward_data.execute(Stream(), {{DNNL_ARG_DIFF_SRC, Wrap(layer.src, dx->typed_data())},
+                                           {DNNL_ARG_WEIGHTS, blocked},
+                                           {DNNL_ARG_DIFF_DST, Wrap(layer.dst, dy.typed_data())}});
+  });
+}
+
+// The kernel gradient; `kernel` only gives its shape.
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                           ffi::Buffer<ffi::F32> dy, Geometry g,
+                           ffi::ResultBuffer<ffi::F32> dkernel) {
+  return Guarded([&] {
+    const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g));
+    memory blocked(layer.weights_pd.diff_weights_desc(), Engine());
+    layer.backward_weights.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
+                                              {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                                              {DNNL_ARG_DIFF_DST, Wrap(layer.dst, dy.typed_data())}});
+    memory hwio = Wrap(layer.weights, dkernel->typed_data());
+    layer.weights_grad_to_hwio.execute(Stream(), blocked, hwio);
+  });
+}
+
+}  // namespace
+
+// Runs one tiny convolution: 0 where oneDNN works here, else 1 with the reason
+// in `error` (no CPU engine, an unsupported CPU), before any step relies on it.
+extern "C" int MjOnednnCheck(char* error, size_t size) {
+  try {
+    const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 0, 0, 0, 0});
+    float x[9] = {}, kernel[9] = {}, y[1];
+    layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x)},
+                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel)},
+                                     {DNNL_ARG_DST, Wrap(layer.dst, y)}});
+    Stream().wait();
+  } catch (const std::exception& e) {
+    std::snprintf(error, size, "%s", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Geometry, xla::ffi::StructMember<int64_t>("stride_h"),
+                                      xla::ffi::StructMember<int64_t>("stride_w"),
+                                      xla::ffi::StructMember<int64_t>("pad_top"),
+                                      xla::ffi::StructMember<int64_t>("pad_bottom"),
+                                      xla::ffi::StructMember<int64_t>("pad_left"),
+                                      xla::ffi::StructMember<int64_t>("pad_right"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Geometry>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Geometry>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Geometry>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
