@@ -87,12 +87,13 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class DepthwiseConv(nn.Module):
-  """A depthwise convolution ('SAME' padding, no bias) as a sum of k*k shifted products.
+  """A depthwise convolution ('SAME' padding, no bias): oneDNN's, or a sum of k*k shifted products.
 
   Computes what `nn.Conv(C, (k, k), feature_group_count=C, padding='SAME')`
   computes, with the same (k, k, 1, C) kernel, but XLA:CPU runs grouped
   convolutions' gradients an order of magnitude slower than these
-  elementwise products, whose gradients are elementwise too.
+  elementwise products, whose gradients are elementwise too; where oneDNN
+  runs (`onednn.runs`), its depthwise kernels take the place of both.
   """
   kernel_size: int
   stride: int
@@ -104,7 +105,10 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', _depthwise_init, (k, k, 1, x.shape[-1]), jnp.float32)
     kernel = kernel.astype(self.dtype)
     (h, w) = x.shape[1:3]
-    x = jnp.pad(x, ((0, 0), _same_padding(h, k, s), _same_padding(w, k, s), (0, 0)))
+    padding = (_same_padding(h, k, s), _same_padding(w, k, s))
+    if onednn.runs(x, kernel):  # oneDNN's depthwise kernels, faster still
+      return onednn.conv(x, kernel, (s, s), padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     out_h, out_w = -(-h // s), -(-w // s)
     y = 0
     for i in range(k):

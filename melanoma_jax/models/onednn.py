@@ -140,7 +140,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
          padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
   """`lax.conv_general_dilated(x, kernel, strides, padding)` for float32 NHWC x and HWIO kernel.
 
-  `padding` is explicit (low, high) pairs. Inside shard_map an invariant
+  `padding` is explicit (low, high) pairs; a kernel of `c / g` input channels
+  makes `g` groups (depthwise: `c` groups). Inside shard_map an invariant
   kernel is marked varying like the images first, as XLA's own convolution
   does, so its gradient is summed over the devices the same way.
   """
@@ -175,6 +176,12 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def runs(*arrays: jax.Array) -> bool:
+  """Whether `conv` runs for these operands here: float32, on a CPU with oneDNN available."""
+  return (jax.default_backend() == 'cpu' and all(a.dtype == np.float32 for a in arrays)
+          and unavailable_reason() is None)
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                          lhs_dilation: Sequence[int] | None = None,
                          rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
@@ -182,14 +189,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          preferred_element_type: Any = None) -> jax.Array:
   """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: oneDNN where it can run.
 
-  That is a float32 2-D NHWC/HWIO convolution without dilation or groups,
-  on a CPU with oneDNN available; anything else goes to XLA as written.
+  That is a float32 2-D NHWC/HWIO convolution without dilation (grouped or
+  not) on a CPU with oneDNN available; anything else goes to XLA as written.
   """
-  if (jax.default_backend() == 'cpu' and lhs.dtype == rhs.dtype == np.float32
-      and precision is None and preferred_element_type is None
-      and pointwise.is_plain_nhwc(lhs, rhs, dimension_numbers, feature_group_count, lhs_dilation,
-                                  rhs_dilation)
-      and unavailable_reason() is None):
+  if (runs(lhs, rhs) and precision is None and preferred_element_type is None
+      and pointwise.is_plain_nhwc(lhs, rhs, dimension_numbers, 1, lhs_dilation, rhs_dilation)):
     pads = (lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
             if isinstance(padding, str) else padding)
     return conv(lhs, rhs, tuple(window_strides), tuple(tuple(pair) for pair in pads))

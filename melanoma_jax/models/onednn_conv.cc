@@ -1,8 +1,9 @@
-// 2-D convolutions (NHWC input, HWIO kernel, any strides and padding, no
-// dilation or groups, float32) as XLA FFI handlers running oneDNN, the library TensorFlow/Keras
-// use on x86 CPUs. XLA:CPU runs convolutions with Eigen, whose kernel
-// gradients take about twice oneDNN's time. Built and loaded by
-// melanoma_jax/models/onednn.py; every buffer is XLA's own (no copies).
+// 2-D convolutions (NHWC input, HWIO kernel, any strides, padding and groups,
+// depthwise included; no dilation; float32) as XLA FFI handlers running
+// oneDNN, the library TensorFlow/Keras use on x86 CPUs. XLA:CPU runs
+// convolutions with Eigen, whose kernel gradients take about twice oneDNN's
+// time. Built and loaded by melanoma_jax/models/onednn.py; every buffer is
+// XLA's own (no copies).
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -21,9 +22,10 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 // The input's (batch, height, width, channels), the kernel's (height, width,
-// output channels), then strides (h, w) and padding (top, bottom, left, right).
+// output channels), groups, then strides (h, w) and padding (top, bottom,
+// left, right).
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t>;
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 struct Geometry {
   int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
@@ -55,8 +57,11 @@ struct Layer {
 };
 
 std::unique_ptr<Layer> MakeLayer(const Key& key) {
-  auto [n, h, w, c, kh, kw, f, sh, sw, pt, pb, pl, pr] = key;
-  const memory::dims src{n, c, h, w}, weights{f, c, kh, kw},
+  auto [n, h, w, c, kh, kw, f, groups, sh, sw, pt, pb, pl, pr] = key;
+  // A grouped HWIO kernel (kh, kw, c / g, f) is oneDNN's hwigo.
+  const memory::dims src{n, c, h, w},
+      weights = groups == 1 ? memory::dims{f, c, kh, kw}
+                            : memory::dims{groups, f / groups, c / groups, kh, kw},
       dst{n, f, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1};
   const memory::dims strides{sh, sw}, pad_l{pt, pl}, pad_r{pb, pr};
   auto desc = [](const memory::dims& dims, Tag tag) {
@@ -64,7 +69,7 @@ std::unique_ptr<Layer> MakeLayer(const Key& key) {
   };
   auto layer = std::make_unique<Layer>();
   layer->src = desc(src, Tag::nhwc);
-  layer->weights = desc(weights, Tag::hwio);
+  layer->weights = desc(weights, groups == 1 ? Tag::hwio : Tag::hwigo);
   layer->dst = desc(dst, Tag::nhwc);
   const auto any_weights = desc(weights, Tag::any);
   auto& engine = Engine();
@@ -97,8 +102,9 @@ const Layer& GetLayer(const Key& key) {
 }
 
 Key KeyOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel, const Geometry& g) {
-  return {x[0],       x[1],       x[2],      x[3],         kernel[0],   kernel[1], kernel[3],
-          g.stride_h, g.stride_w, g.pad_top, g.pad_bottom, g.pad_left, g.pad_right};
+  const int64_t groups = x[3] / kernel[2];
+  return {x[0],       x[1],       x[2],      x[3],         kernel[0],  kernel[1],  kernel[3],
+          groups,     g.stride_h, g.stride_w, g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right};
 }
 
 memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine(), data); }
@@ -159,7 +165,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
 // in `error` (no CPU engine, an unsupported CPU), before any step relies on it.
 extern "C" int MjOnednnCheck(char* error, size_t size) {
   try {
-    const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 0, 0, 0, 0});
+    const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0});
     float x[9] = {}, kernel[9] = {}, y[1];
     layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x)},
                                      {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel)},
@@ -179,25 +185,21 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Geometry, xla::ffi::StructMember<int64_t>(
                                       xla::ffi::StructMember<int64_t>("pad_left"),
                                       xla::ffi::StructMember<int64_t>("pad_right"));
 
+// Each gradient takes (input, kernel, output gradient); the forward pass (input, kernel).
+auto GradientBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Attrs<Geometry>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvForward, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attrs<Geometry>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<Geometry>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attrs<Geometry>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardData, BackwardData, GradientBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeights, BackwardWeights, GradientBinding());
