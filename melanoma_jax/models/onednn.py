@@ -87,9 +87,9 @@ def _load() -> None:
   """Builds (if needed) and loads the handlers and registers them with XLA, once per process."""
   libdnnl = _installed_file('onednn', 'libdnnl.so')
   header = _installed_file('onednn-devel', 'dnnl.hpp')
+  os.environ.setdefault('ONEDNN_VERBOSE', '0')  # its own error lines; the reason comes back below
   # oneDNN's PyPI build reaches the CPU through SYCL's OpenCL CPU runtime, which
   # the OpenCL loader finds only when told where it is.
-  os.environ.setdefault('ONEDNN_VERBOSE', '0')  # its own error lines; the reason comes back below
   try:
     os.environ.setdefault('OCL_ICD_FILENAMES', _installed_file('intel-opencl-rt', 'libintelocl.so'))
   except Unavailable:
