@@ -13,8 +13,8 @@ as written (`native`) and once through the lowering the model trains with
 process of its own, the ops Keras runs (`Conv2D`, `Conv2DBackpropInput`,
 `Conv2DBackpropFilter`, oneDNN on x86). Printed: milliseconds per batch
 (best of `repeats`), GFLOP/s, and the ratio TensorFlow/ours (above 1: ours
-faster; ours is the `auto` lowering, as the training step runs it). conv1 has no input gradient: a
-training step does not differentiate the images.
+faster; ours is the `auto` lowering, as the training step runs it). conv1
+has no input gradient: a training step does not differentiate the images.
 """
 
 import json

@@ -84,8 +84,8 @@ def slow_path_warning(jaxlib_version: str | None) -> str | None:
   return (f'jaxlib {jaxlib_version}: melanoma_jax\'s XLA:CPU flags were measured on jaxlib {measured} '
           'only, so they are off and training on a CPU is slower (large sums such as BatchNorm '
           'statistics run as XLA\'s default reduce-window trees, and the seed model\'s '
-          'conv_impl=auto takes the "mixed" lowering where oneDNN is not installed). GPU and TPU runs are unaffected; for the '
-          f'measured CPU speed, install jax and jaxlib {measured}.')
+          'conv_impl=auto takes the "mixed" lowering where oneDNN is not installed). GPU and TPU '
+          f'runs are unaffected; for the measured CPU speed, install jax and jaxlib {measured}.')
 
 
 def cpu_flags_active(workload: str = 'train') -> bool:

@@ -83,10 +83,8 @@ _mixed_conv.defvjp(_mixed_fwd, _mixed_bwd)
 
 
 def _onednn_conv(lhs, rhs):
-  """oneDNN's kernels, Keras' on x86 (`onednn.conv`), for float32; other dtypes stay `padded`."""
-  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-    return _padded_conv(lhs, rhs)
-  return onednn.conv(lhs, rhs)
+  """oneDNN's kernels, Keras' on x86 (`onednn.conv`), where they run (float32); else `padded`."""
+  return onednn.conv(lhs, rhs) if onednn.runs(lhs, rhs) else _padded_conv(lhs, rhs)
 
 
 def _native_pool(x):
