@@ -65,6 +65,22 @@ def test_pool_matches_max_pool_in_value_and_gradient(impl, shape):
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize('impl', sorted(set(layers.LOWERINGS) - {'native'}))
+def test_pool_shares_the_gradient_of_tied_maxima_as_jnp_max(impl):
+  """Ties (ReLU zeros) get jnp.max's equal shares: the gradient's sum per window is kept."""
+  x = jnp.round(jax.random.normal(jax.random.key(0), (2, 7, 9, 5)))  # many ties
+  h, w = 6, 8
+
+  def reference(y):
+    n, _, _, c = y.shape
+    return y[:, :h, :w].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  loss = lambda fn: lambda y: jnp.sum(jnp.sin(fn(y)) * jnp.arange(1, 21).reshape(1, 1, 4, 5))
+  got = jax.jit(jax.grad(loss(lambda y: layers.max_pool_2x2(y, impl))))(x)
+  np.testing.assert_allclose(got, jax.grad(loss(reference))(x), rtol=1e-6)
+  assert float(jnp.sum(jnp.abs(got[:, h:]))) == float(jnp.sum(jnp.abs(got[:, :, w:]))) == 0
+
+
 def test_unsupported_convolutions_are_refused():
   x = jnp.zeros((1, 8, 8, 3))
   with pytest.raises(NotImplementedError, match='VALID'):
