@@ -142,6 +142,8 @@ def test_model_checkpoints_and_gradients_carry_across_lowerings():
   assert all(tree == shapes['native'] for tree in shapes.values())
 
   variables = init('native')
+  for impl in RUNNABLE:  # the same initial values too: the same initialisers under the same names
+    jax.tree.map(np.testing.assert_array_equal, init(impl), variables)
 
   def grads_and_logits(impl, params):
     def loss(params):
@@ -249,6 +251,21 @@ def test_onednn_grouped_conv_is_nn_conv_in_value_and_gradients(groups, features,
   reference = nn.Conv(features, (3, 3), strides, padding='SAME', feature_group_count=groups)
   ours = reference.clone(conv_general_dilated=onednn.conv_general_dilated)
   variables = reference.init(jax.random.key(1), x)
+  assert 'ffi_call' in _ops_in(jax.grad(lambda v: jnp.sum(ours.apply(v, x))), variables)
+  _assert_same_values_and_gradients(ours, reference, variables, x)
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+@pytest.mark.parametrize('shape,features', [((2, 12, 9, 3), 4), ((3, 9, 11, 16), 8)])
+def test_seed_conv_relu_fused_by_onednn_is_relu_of_nn_conv(shape, features):
+  """Bias and ReLU inside oneDNN's convolution, the bias gradient with the kernel's: nn.Conv + relu."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  conv = nn.Conv(features, (3, 3), padding='VALID')
+  reference = nn.Sequential([conv, nn.relu])
+  ours = nn.Sequential([layers.conv_relu(features, 'onednn', jnp.float32, 'layers_0')])
+  variables = reference.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
   assert 'ffi_call' in _ops_in(jax.grad(lambda v: jnp.sum(ours.apply(v, x))), variables)
   _assert_same_values_and_gradients(ours, reference, variables, x)
 

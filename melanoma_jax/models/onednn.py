@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
@@ -33,7 +34,9 @@ from melanoma_jax.models import pointwise
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv.cc')
 _TARGETS = {'forward': 'MjOnednnConvForward', 'backward_data': 'MjOnednnConvBackwardData',
-            'backward_weights': 'MjOnednnConvBackwardWeights'}
+            'backward_weights': 'MjOnednnConvBackwardWeights',
+            'forward_bias_relu': 'MjOnednnConvForwardBiasReLU',
+            'backward_weights_bias': 'MjOnednnConvBackwardWeightsBias'}
 _PREFIX = 'melanoma_jax_onednn_'
 INSTALL_HINT = "pip install -e '.[onednn]' (Intel's oneDNN wheels) and a C++ compiler (g++ or $CXX)"
 
@@ -121,11 +124,11 @@ def unavailable_reason() -> str | None:
   return None
 
 
-def _call(op: str, shape: tuple[int, ...], geometry: dict[str, np.int64], *operands: jax.Array
-          ) -> jax.Array:
-  # Inside shard_map the result varies over the mesh axes its operands vary over.
-  result = jax.typeof(operands[0]).update(shape=shape)
-  return jax.ffi.ffi_call(_PREFIX + op, result)(*operands, **geometry)
+def _call(op: str, shapes: Sequence[tuple[int, ...]], geometry: dict[str, np.int64],
+          *operands: jax.Array) -> list[jax.Array]:
+  # Inside shard_map the results vary over the mesh axes their operands vary over.
+  results = [jax.typeof(operands[0]).update(shape=shape) for shape in shapes]
+  return jax.ffi.ffi_call(_PREFIX + op, results)(*operands, **geometry)
 
 
 def _geometry(strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
@@ -145,21 +148,40 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   kernel is marked varying like the images first, as XLA's own convolution
   does, so its gradient is summed over the devices the same way.
   """
+  return _conv(*_varying_alike(x, kernel), strides, padding)
+
+
+def conv_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, strides: tuple[int, int] = (1, 1),
+                   padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """`relu(conv(x, kernel, strides, padding) + bias)` in one oneDNN pass.
+
+  The bias and ReLU are applied as the convolution writes its output, and
+  the bias gradient is computed with the kernel gradient: two passes over
+  the activation fewer each way than the three operations apart.
+  """
+  return _conv_bias_relu(*_varying_alike(x, kernel, bias), strides, padding)
+
+
+def _varying_alike(*arrays: jax.Array) -> list[jax.Array]:
+  """Loads the handlers; inside shard_map, marks all `arrays` varying over every axis one varies over."""
   _load()
-  varying = jax.typeof(x).manual_axis_type.varying | jax.typeof(kernel).manual_axis_type.varying
-  x, kernel = (lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to='varying')
-               if varying - jax.typeof(a).manual_axis_type.varying else a for a in (x, kernel))
-  return _conv(x, kernel, strides, padding)
+  varying = functools.reduce(lambda a, b: a | b, (jax.typeof(a).manual_axis_type.varying for a in arrays))
+  return [lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to='varying')
+          if varying - jax.typeof(a).manual_axis_type.varying else a for a in arrays]
+
+
+def _output_shape(x, kernel, strides, padding) -> tuple[int, ...]:
+  n, h, w, _ = x.shape
+  kh, kw, _, features = kernel.shape
+  (top, bottom), (left, right) = padding
+  return (n, (h + top + bottom - kh) // strides[0] + 1, (w + left + right - kw) // strides[1] + 1,
+          features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides, padding):
-  n, h, w, _ = x.shape
-  kh, kw, _, features = kernel.shape
-  (top, bottom), (left, right) = padding
-  shape = (n, (h + top + bottom - kh) // strides[0] + 1, (w + left + right - kw) // strides[1] + 1,
-           features)
-  return _call('forward', shape, _geometry(strides, padding), x, kernel)
+  return _call('forward', [_output_shape(x, kernel, strides, padding)], _geometry(strides, padding),
+               x, kernel)[0]
 
 
 def _conv_fwd(x, kernel, strides, padding):
@@ -169,11 +191,34 @@ def _conv_fwd(x, kernel, strides, padding):
 def _conv_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   geometry = _geometry(strides, padding)
-  return (_call('backward_data', x.shape, geometry, x, kernel, dy),
-          _call('backward_weights', kernel.shape, geometry, x, kernel, dy))
+  return (_call('backward_data', [x.shape], geometry, x, kernel, dy)[0],
+          _call('backward_weights', [kernel.shape], geometry, x, kernel, dy)[0])
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_bias_relu(x, kernel, bias, strides, padding):
+  return _call('forward_bias_relu', [_output_shape(x, kernel, strides, padding)],
+               _geometry(strides, padding), x, kernel, bias)[0]
+
+
+def _conv_bias_relu_fwd(x, kernel, bias, strides, padding):
+  y = _conv_bias_relu(x, kernel, bias, strides, padding)
+  return y, (x, kernel, y)
+
+
+def _conv_bias_relu_bwd(strides, padding, residuals, dy):
+  x, kernel, y = residuals
+  geometry = _geometry(strides, padding)
+  dz = jnp.where(y > 0, dy, 0)  # ReLU's gradient, 0 at 0 as jax.nn.relu's
+  dkernel, dbias = _call('backward_weights_bias', [kernel.shape, kernel.shape[-1:]], geometry,
+                         x, kernel, dz)
+  return _call('backward_data', [x.shape], geometry, x, kernel, dz)[0], dkernel, dbias
+
+
+_conv_bias_relu.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
 
 
 def runs(*arrays: jax.Array) -> bool:

@@ -2,8 +2,10 @@
 // depthwise included; no dilation; float32) as XLA FFI handlers running
 // oneDNN, the library TensorFlow/Keras use on x86 CPUs. XLA:CPU runs
 // convolutions with Eigen, whose kernel gradients take about twice oneDNN's
-// time. Built and loaded by melanoma_jax/models/onednn.py; every buffer is
-// XLA's own (no copies).
+// time. A fused variant adds a bias and a ReLU inside the convolution's
+// pass, and computes the bias gradient with the kernel's: each saves a pass
+// over a large activation. Built and loaded by melanoma_jax/models/onednn.py;
+// every buffer is XLA's own (no copies).
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -11,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -22,10 +25,10 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 // The input's (batch, height, width, channels), the kernel's (height, width,
-// output channels), groups, then strides (h, w) and padding (top, bottom,
-// left, right).
+// output channels), groups, strides (h, w), padding (top, bottom, left,
+// right), then whether a bias and ReLU are fused (1) or not (0).
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 struct Geometry {
   int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
@@ -46,7 +49,7 @@ dnnl::stream& Stream() {
 // activations in XLA's NHWC layout and let oneDNN pick the kernel's layout
 // (its fast gradient kernels need a blocked one); kernels are reordered.
 struct Layer {
-  memory::desc src, weights, dst;
+  memory::desc src, weights, bias, dst;
   dnnl::convolution_forward forward;
   dnnl::convolution_backward_data::primitive_desc data_pd;
   dnnl::convolution_backward_data backward_data;
@@ -57,7 +60,7 @@ struct Layer {
 };
 
 std::unique_ptr<Layer> MakeLayer(const Key& key) {
-  auto [n, h, w, c, kh, kw, f, groups, sh, sw, pt, pb, pl, pr] = key;
+  auto [n, h, w, c, kh, kw, f, groups, sh, sw, pt, pb, pl, pr, fused] = key;
   // A grouped HWIO kernel (kh, kw, c / g, f) is oneDNN's hwigo.
   const memory::dims src{n, c, h, w},
       weights = groups == 1 ? memory::dims{f, c, kh, kw}
@@ -74,17 +77,33 @@ std::unique_ptr<Layer> MakeLayer(const Key& key) {
   const auto any_weights = desc(weights, Tag::any);
   auto& engine = Engine();
   const auto algorithm = dnnl::algorithm::convolution_direct;
-  dnnl::convolution_forward::primitive_desc forward_pd(
-      engine, dnnl::prop_kind::forward_training, algorithm, layer->src, layer->weights, layer->dst,
-      strides, pad_l, pad_r);
+  const auto training = dnnl::prop_kind::forward_training;
+  dnnl::convolution_forward::primitive_desc forward_pd;
+  if (fused) {
+    layer->bias = desc({f}, Tag::a);
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(relu);
+    forward_pd = dnnl::convolution_forward::primitive_desc(
+        engine, training, algorithm, layer->src, layer->weights, layer->bias, layer->dst, strides,
+        pad_l, pad_r, attr);
+  } else {
+    forward_pd = dnnl::convolution_forward::primitive_desc(
+        engine, training, algorithm, layer->src, layer->weights, layer->dst, strides, pad_l, pad_r);
+  }
   layer->forward = dnnl::convolution_forward(forward_pd);
   layer->data_pd = dnnl::convolution_backward_data::primitive_desc(
       engine, algorithm, layer->src, any_weights, layer->dst, strides, pad_l, pad_r, forward_pd);
   layer->backward_data = dnnl::convolution_backward_data(layer->data_pd);
   layer->weights_to_data = dnnl::reorder(
       dnnl::reorder::primitive_desc(engine, layer->weights, engine, layer->data_pd.weights_desc()));
-  layer->weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      engine, algorithm, layer->src, any_weights, layer->dst, strides, pad_l, pad_r, forward_pd);
+  layer->weights_pd = fused ? dnnl::convolution_backward_weights::primitive_desc(
+                                  engine, algorithm, layer->src, any_weights, layer->bias, layer->dst,
+                                  strides, pad_l, pad_r, forward_pd)
+                            : dnnl::convolution_backward_weights::primitive_desc(
+                                  engine, algorithm, layer->src, any_weights, layer->dst, strides,
+                                  pad_l, pad_r, forward_pd);
   layer->backward_weights = dnnl::convolution_backward_weights(layer->weights_pd);
   layer->weights_grad_to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(
       engine, layer->weights_pd.diff_weights_desc(), engine, layer->weights));
@@ -101,10 +120,11 @@ const Layer& GetLayer(const Key& key) {
   return *layer;
 }
 
-Key KeyOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel, const Geometry& g) {
+Key KeyOf(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel, const Geometry& g,
+          bool fused = false) {
   const int64_t groups = x[3] / kernel[2];
-  return {x[0],       x[1],       x[2],      x[3],         kernel[0],  kernel[1],  kernel[3],
-          groups,     g.stride_h, g.stride_w, g.pad_top,   g.pad_bottom, g.pad_left, g.pad_right};
+  return {x[0],       x[1],       x[2],       x[3],         kernel[0],  kernel[1],   kernel[3], groups,
+          g.stride_h, g.stride_w, g.pad_top,  g.pad_bottom, g.pad_left, g.pad_right, fused};
 }
 
 memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine(), data); }
@@ -130,6 +150,18 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, Geomet
   });
 }
 
+// relu(convolution + bias).
+ffi::Error ForwardBiasReLU(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                           ffi::Buffer<ffi::F32> bias, Geometry g, ffi::ResultBuffer<ffi::F32> y) {
+  return Guarded([&] {
+    const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g, true));
+    layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
+                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel.typed_data())},
+                                     {DNNL_ARG_BIAS, Wrap(layer.bias, bias.typed_data())},
+                                     {DNNL_ARG_DST, Wrap(layer.dst, y->typed_data())}});
+  });
+}
+
 // The input gradient; `x` only gives the input's shape (XLA passes no data we read).
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                         ffi::Buffer<ffi::F32> dy, Geometry g, ffi::ResultBuffer<ffi::F32> dx) {
@@ -144,18 +176,36 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   });
 }
 
-// The kernel gradient; `kernel` only gives its shape.
+// The kernel gradient (and the bias's, given a buffer for it); `kernel` only
+// gives its shape.
+void KernelGradient(const Layer& layer, const float* x, const float* dy, float* dkernel,
+                    float* dbias) {
+  memory blocked(layer.weights_pd.diff_weights_desc(), Engine());
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, Wrap(layer.src, const_cast<float*>(x))},
+                                       {DNNL_ARG_DIFF_WEIGHTS, blocked},
+                                       {DNNL_ARG_DIFF_DST, Wrap(layer.dst, const_cast<float*>(dy))}};
+  if (dbias) args.insert({DNNL_ARG_DIFF_BIAS, Wrap(layer.bias, dbias)});
+  layer.backward_weights.execute(Stream(), args);
+  memory hwio = Wrap(layer.weights, dkernel);
+  layer.weights_grad_to_hwio.execute(Stream(), blocked, hwio);
+}
+
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                            ffi::Buffer<ffi::F32> dy, Geometry g,
                            ffi::ResultBuffer<ffi::F32> dkernel) {
   return Guarded([&] {
-    const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g));
-    memory blocked(layer.weights_pd.diff_weights_desc(), Engine());
-    layer.backward_weights.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
-                                              {DNNL_ARG_DIFF_WEIGHTS, blocked},
-                                              {DNNL_ARG_DIFF_DST, Wrap(layer.dst, dy.typed_data())}});
-    memory hwio = Wrap(layer.weights, dkernel->typed_data());
-    layer.weights_grad_to_hwio.execute(Stream(), blocked, hwio);
+    KernelGradient(GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g)), x.typed_data(),
+                   dy.typed_data(), dkernel->typed_data(), nullptr);
+  });
+}
+
+ffi::Error BackwardWeightsBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                               ffi::Buffer<ffi::F32> dy, Geometry g,
+                               ffi::ResultBuffer<ffi::F32> dkernel,
+                               ffi::ResultBuffer<ffi::F32> dbias) {
+  return Guarded([&] {
+    KernelGradient(GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g, true)), x.typed_data(),
+                   dy.typed_data(), dkernel->typed_data(), dbias->typed_data());
   });
 }
 
@@ -165,7 +215,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
 // in `error` (no CPU engine, an unsupported CPU), before any step relies on it.
 extern "C" int MjOnednnCheck(char* error, size_t size) {
   try {
-    const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0});
+    const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0});
     float x[9] = {}, kernel[9] = {}, y[1];
     layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x)},
                                      {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel)},
@@ -201,5 +251,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attrs<Geometry>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvForwardBiasReLU, ForwardBiasReLU,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Geometry>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardData, BackwardData, GradientBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeights, BackwardWeights, GradientBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeightsBias, BackwardWeightsBias,
+                              GradientBinding().Ret<ffi::Buffer<ffi::F32>>());

@@ -41,19 +41,17 @@ class SeedCNN(interface.Classifier):
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = jnp.asarray(images, self.dtype) / 255.0
-    conv = lambda features, name: nn.Conv(
-        features, (3, 3), padding='VALID', dtype=self.dtype, name=name,
-        conv_general_dilated=lowering.conv_general_dilated(self.conv_impl))
+    conv_relu = lambda features, name: lowering.conv_relu(features, self.conv_impl, self.dtype, name)
     batch_norm = lambda name: nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum,
         epsilon=1e-3, axis_name=self.axis_name, dtype=self.dtype, name=name)
     pool = lambda y: lowering.max_pool_2x2(y, self.conv_impl)
 
-    x = nn.relu(conv(32, 'conv1')(x))
-    x = pool(nn.relu(conv(32, 'conv2')(x)))
-    x = nn.relu(conv(64, 'conv3')(x))
+    x = conv_relu(32, 'conv1')(x)
+    x = pool(conv_relu(32, 'conv2')(x))
+    x = conv_relu(64, 'conv3')(x)
     x = pool(batch_norm('bn3')(x))
-    x = interface.mark_features(self, nn.relu(conv(128, 'conv4')(x)))
+    x = interface.mark_features(self, conv_relu(128, 'conv4')(x))
     x = pool(batch_norm('bn4')(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(512, dtype=self.dtype, name='dense')(x))

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from melanoma_jax import runtime
 from melanoma_jax.models import onednn, pointwise
@@ -193,3 +194,25 @@ def conv_general_dilated(conv_impl: str) -> Callable[..., jax.Array]:
 def max_pool_2x2(x: jax.Array, conv_impl: str) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(2, 2))`, lowered as `conv_impl` says."""
   return LOWERINGS[resolve(conv_impl)][1](x)
+
+
+class _OnednnConvReLU(nn.Module):
+  """`relu(nn.Conv(features, (3, 3), padding='VALID')(x))` as one oneDNN call
+  (`onednn.conv_bias_relu`), with nn.Conv's parameters and initialisers."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.linear.default_kernel_init, (3, 3, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return onednn.conv_bias_relu(x, kernel, bias)
+
+
+def conv_relu(features: int, conv_impl: str, dtype: Any, name: str) -> Callable[[jax.Array], jax.Array]:
+  """`relu(nn.Conv(features, (3, 3), padding='VALID', dtype=dtype, name=name)(x))`, lowered as
+  `conv_impl` says; the same parameters whichever lowering runs."""
+  if resolve(conv_impl) == 'onednn' and onednn.runs(np.empty(0, dtype)):
+    return _OnednnConvReLU(features, name=name)
+  conv = nn.Conv(features, (3, 3), padding='VALID', dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated(conv_impl))
+  return lambda x: nn.relu(conv(x))
