@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from melanoma_jax import runtime
 
 if __name__ == '__main__':
-  runtime.configure(workload='forward')  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+  # Before JAX and TensorFlow load (XLA flags, malloc settings; TensorFlow's banners off).
+  runtime.configure(reexec=True, workload='forward')
 
 import jax
 from absl import flags

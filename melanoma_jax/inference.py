@@ -27,7 +27,8 @@ from typing import Any
 from melanoma_jax import runtime
 
 if __name__ == '__main__':
-  runtime.configure(workload='forward')  # Before JAX and TensorFlow load (XLA flags; TensorFlow's banners off).
+  # Before JAX and TensorFlow load (XLA flags, malloc settings; TensorFlow's banners off).
+  runtime.configure(reexec=True, workload='forward')
 
 import jax
 import numpy as np
@@ -76,12 +77,13 @@ def find_images(paths: Sequence[str]) -> list[pathlib.Path]:
 PREFETCH_BATCHES = 2
 
 
-def _decode(path: pathlib.Path, stored_size: int, image_size: int,
+def _decode(path: pathlib.Path, stored_size: int,
             preprocess: preprocessing.Preprocess) -> tuple[np.ndarray | None, str | None]:
+  """(the file's stored square, None), or (None, why it is unreadable)."""
   if not path.is_file():
     return None, 'not a regular file' if path.exists() else 'no such file'
   try:
-    return preprocessing.model_input(path, stored_size, image_size, preprocess), None
+    return preprocessing.decode_image(path, stored_size, preprocess).pixels, None
   except errors.UnreadableImageError as e:
     return None, str(e)
 
@@ -125,11 +127,11 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
   """(file, class probabilities or None, error or None, out-of-distribution score or None) per file, in order.
 
   Files are decoded as the run's dataset stored its images (`stored_size`,
-  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) and
-  resized as training resized them (`preprocessing.model_input`), by
+  default `image_size`; `preprocess`, the run's `Preprocess.from_config`) by
   `workers` threads (default: one per CPU), `PREFETCH_BATCHES` batches ahead
-  of the model; the model runs on one batch while the previous one's rows
-  are made. Every batch is padded
+  of the model, and resized as training resized them a batch at a time (the
+  pixels of `preprocessing.model_input`); the model runs on one batch while
+  the previous one's rows are made. Every batch is padded
   to `batch_size`, so the jitted model compiles once. `metadata` (from
   `metadata_lib.read_csv`, by image key) feeds models with a metadata
   branch; a file it lacks has unknown metadata. `detector` (the run's
@@ -145,7 +147,7 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
 
   def decode_ahead(k: int) -> None:
     if k < len(chunks):
-      decoding.append([pool.submit(_decode, path, stored_size, image_size, preprocess) for path in chunks[k]])
+      decoding.append([pool.submit(_decode, path, stored_size, preprocess) for path in chunks[k]])
 
   def batch(chunk: Sequence[pathlib.Path], decoded: list) -> tuple | None:
     """The model's outputs for a chunk, dispatched (not waited for); None when nothing is readable."""
@@ -153,8 +155,7 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
     if not readable:
       return None
     images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-    for i in readable:
-      images[i] = decoded[i][0]
+    images[readable] = preprocessing.model_inputs(np.stack([decoded[i][0] for i in readable]), image_size)
     encoded = None
     if metadata is not None:
       encoded = metadata_lib.unknown(batch_size)

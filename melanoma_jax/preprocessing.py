@@ -315,11 +315,17 @@ def model_input(path: epath.PathLike, stored_size: int, image_size: int,
   Raises:
     UnreadableImageError: corrupt, truncated or non-image file.
   """
-  return _traced_resize(image_size)(decode_image(path, stored_size, preprocess).pixels).numpy()
+  return model_inputs(decode_image(path, stored_size, preprocess).pixels[None], image_size)[0]
+
+
+def model_inputs(stored: np.ndarray, image_size: int) -> np.ndarray:
+  """`resize` (step 2) of stored images [N, H, W, 3] as numpy: the same pixels image by image,
+  and a batch in one call costs a fraction of one call per image."""
+  return _traced_resize(image_size)(stored).numpy()
 
 
 @functools.cache
 def _traced_resize(image_size: int) -> Callable[[np.ndarray], tf.Tensor]:
-  """`resize` of one image as a traced TensorFlow function: a fraction of its eager ops' overhead."""
-  return tf.function(lambda image: resize(image, image_size),
-                     input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  """`resize` as a traced TensorFlow function: a fraction of its eager ops' overhead."""
+  return tf.function(lambda images: resize(images, image_size),
+                     input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])

@@ -24,6 +24,11 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   the page faults and system time with and without transparent huge pages).
   glibc reads the setting only at process start, so entry points re-execute
   themselves with it once.
+* A process that only runs models forward also keeps what it frees
+  (`glibc.malloc.mmap_max=0`, a trim threshold it never reaches): every
+  batch then reuses the last one's pages instead of faulting and zeroing
+  them again. Training does not: beside tf.data's threads it held more
+  memory for no clear gain (README, Speed).
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.
@@ -44,6 +49,11 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+# workload -> GLIBC_TUNABLES (see the module docstring).
+GLIBC_TUNABLES = {
+    'train': HUGE_PAGES_TUNABLE,
+    'forward': f'{HUGE_PAGES_TUNABLE}:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**36}',
+}
 # jaxlib (major, minor) -> {workload: XLA:CPU flags measured to speed it up}.
 # 'train': processes that train (launch.py); 'forward': processes that only
 # run models forward (inference, evaluate).
@@ -140,7 +150,7 @@ def configure(reexec: bool = False, workload: str = 'train') -> None:
   `workload` is 'train', or 'forward' for a process that never trains.
 
   With `reexec`, a Linux process without a GLIBC_TUNABLES of its own is
-  replaced by the same command with huge pages; the PID stays the same, so
+  replaced by the same command with the workload's; the PID stays the same, so
   signals still reach it. Without, only the XLA flags are set. A jaxlib
   they were not measured on gets a warning instead. Then TensorFlow is
   imported without its start-up banners.
@@ -148,7 +158,7 @@ def configure(reexec: bool = False, workload: str = 'train') -> None:
   os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags(workload))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
-    os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE
+    os.environ['GLIBC_TUNABLES'] = GLIBC_TUNABLES[workload]
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
   warning = slow_path_warning(_jaxlib_version())
   if warning:

@@ -8,7 +8,7 @@ import pytest
 
 from melanoma_jax import runtime
 
-_SHOW = ('import os, sys; from melanoma_jax import runtime; runtime.configure(reexec=True); '
+_SHOW = ('import os, sys; from melanoma_jax import runtime; runtime.configure(reexec=True, workload={!r}); '
          'print(os.getpid(), sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), os.environ["XLA_FLAGS"])')
 
 
@@ -53,13 +53,13 @@ def test_user_flags_win_and_others_are_kept():
   assert runtime.with_xla_flags('', ('--a=',)) == '--a='
 
 
-def _run(tunables=None):
+def _run(tunables=None, workload='train'):
   """(pid, output) of a child that configures itself and prints what it ends up with."""
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
   if tunables:
     env['GLIBC_TUNABLES'] = tunables
-  proc = subprocess.Popen([sys.executable, '-c', _SHOW, 'arg one', '--two'], env=env,
+  proc = subprocess.Popen([sys.executable, '-c', _SHOW.format(workload), 'arg one', '--two'], env=env,
                           stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate()
   assert proc.returncode == 0
@@ -72,6 +72,14 @@ def test_reexecutes_in_place_with_huge_pages_and_the_same_arguments():
   same_pid, out = _run()
   assert same_pid
   assert out.startswith("['arg one', '--two'] glibc.malloc.hugetlb=1 --xla_force_host_platform_device_count=2")
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='glibc tunables are Linux-only')
+def test_forward_only_processes_also_keep_the_memory_they_free():
+  same_pid, out = _run(workload='forward')
+  assert same_pid
+  tunables = out.split()[3]
+  assert tunables.startswith('glibc.malloc.hugetlb=1:') and 'glibc.malloc.mmap_max=0' in tunables
 
 
 @pytest.mark.skipif(sys.platform != 'linux', reason='glibc tunables are Linux-only')
