@@ -65,7 +65,7 @@ def test_pool_matches_max_pool_in_value_and_gradient(impl, shape):
                              rtol=1e-6)
 
 
-@pytest.mark.parametrize('impl', sorted(set(layers.LOWERINGS) - {'native'}))
+@pytest.mark.parametrize('impl', sorted(set(RUNNABLE) - {'native'}))
 def test_pool_shares_the_gradient_of_tied_maxima_as_jnp_max(impl):
   """Ties (ReLU zeros) get jnp.max's equal shares: the gradient's sum per window is kept."""
   x = jnp.round(jax.random.normal(jax.random.key(0), (2, 7, 9, 5)))  # many ties
