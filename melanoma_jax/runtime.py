@@ -25,10 +25,14 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   glibc reads the setting only at process start, so entry points re-execute
   themselves with it once.
 * A process that only runs models forward also keeps what it frees
-  (`glibc.malloc.mmap_max=0`, a trim threshold it never reaches): every
-  batch then reuses the last one's pages instead of faulting and zeroing
-  them again. Training does not: beside tf.data's threads it held more
-  memory for no clear gain (README, Speed).
+  (`glibc.malloc.mmap_max=0`, a trim threshold it never reaches) and
+  allocates from one arena (`glibc.malloc.arena_max=1`): XLA's threads
+  allocate a program's temporaries, and a thread's own arena serves a block
+  over 64 MiB with a fresh mapping whatever `mmap_max` says. Every batch then
+  reuses the last one's pages instead of faulting and zeroing them again.
+  Training does not: beside tf.data's threads the one arena slowed the loop,
+  and the kept memory would take the seed model's loop over 3 GiB (README,
+  Speed).
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.
@@ -52,7 +56,8 @@ HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 # workload -> GLIBC_TUNABLES (see the module docstring).
 GLIBC_TUNABLES = {
     'train': HUGE_PAGES_TUNABLE,
-    'forward': f'{HUGE_PAGES_TUNABLE}:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**36}',
+    'forward': (f'{HUGE_PAGES_TUNABLE}:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**36}'
+                ':glibc.malloc.arena_max=1'),
 }
 # jaxlib (major, minor) -> {workload: XLA:CPU flags measured to speed it up}.
 # 'train': processes that train (launch.py); 'forward': processes that only
