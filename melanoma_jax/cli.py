@@ -49,6 +49,22 @@ def _bad_command_line(message: Any) -> NoReturn:
   errors.exit_with(f'{message} (--help lists the flags)')
 
 
+def _no_such_config_field(error: AttributeError, argv: Sequence[str]) -> str:
+  """The line for ml_collections' error on an override (`--config.model.nmae=...`) naming no field.
+
+  Re-raises `error` when no override on the command line names its field.
+  """
+  cause = error.args[0] if error.args else error  # ml_collections: the KeyError, its text quoted
+  lines = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause).splitlines() or ['']
+  field = lines[0].strip('\'"')
+  names = [arg.split('=')[0] for arg in argv if arg.startswith('--')]
+  flag = next((name for name in names if '.' in name and field in name.split('.')[1:]), None)
+  if flag is None:
+    raise error
+  hint = f' ({lines[1].strip()})' if len(lines) > 1 else ''
+  return f'{flag}: the config has no field {field!r}{hint}'
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` on absl's global flags, with the tools' conventions.
 
@@ -63,6 +79,8 @@ def run(main: Callable[[list[str]], None]) -> None:
       return flags.FLAGS(argv)
     except flags.Error as e:
       _bad_command_line(e)
+    except AttributeError as e:
+      _bad_command_line(_no_such_config_field(e, argv))
 
   def main_with_usage_errors(argv: list[str]) -> None:
     try:

@@ -42,8 +42,14 @@ def test_every_readme_command_has_help_and_one_line_errors():
   assert {'launch.py', 'benchmarks/train_throughput.py'} <= {c[0] for c in commands}
   assert {name for _, name in filter(lambda c: c[0] == '-m', commands)} >= {f'melanoma_jax.{t}' for t in TOOLS}
   commands = [c for c in commands if c[-1].removeprefix('melanoma_jax.') not in TOOLS]
-  runs = [[*command, '--help'] for command in commands] + [['launch.py', '--config=configs/balanced.py',
-                                                           '--nosuch=1']]
+  errors = {
+      '--nosuch=1': "Unknown command line flag 'nosuch'",
+      '--config.model.nmae=seed_cnn': ("--config.model.nmae: the config has no field 'nmae' "
+                                       '(Did you mean "name" instead of "nmae"?)'),
+      '--config.nosuch=1': "--config.nosuch: the config has no field 'nosuch'",
+  }
+  runs = [[*command, '--help'] for command in commands] + [
+      ['launch.py', '--config=configs/balanced.py', error] for error in errors]
   procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for argv in runs]
   for argv, proc in zip(runs, procs):
@@ -53,7 +59,7 @@ def test_every_readme_command_has_help_and_one_line_errors():
       assert '\nflags:\n' in out and re.search(r'^  --', out, re.M), (argv, out[-2000:])
     else:
       assert proc.returncode == 1
-      assert err.strip().splitlines()[-1] == "Error: Unknown command line flag 'nosuch' (--help lists the flags)"
+      assert err.strip().splitlines()[-1] == f'Error: {errors[argv[-1]]} (--help lists the flags)'
       assert 'Traceback' not in err
 
 
