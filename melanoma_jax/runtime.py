@@ -19,20 +19,21 @@ step (`benchmarks/train_throughput.py`; README, Speed):
   model's convolutions, poolings and matmuls) to one YNNPACK graph that runs
   slower than Eigen's convolutions; training has no such graph and keeps the
   flag above (README, Speed: both measured for every model).
-* glibc returns every freed block over 32 MiB to the kernel, so each step
-  faults its GBs of temporaries in again, 4 KiB at a time (README, Speed:
-  the page faults and system time with and without transparent huge pages).
-  glibc reads the setting only at process start, so entry points re-execute
-  themselves with it once.
-* A process that only runs models forward also keeps what it frees
+* glibc returns every freed block over 32 MiB to the kernel, so each
+  training step faults its GBs of temporaries in again, 4 KiB at a time
+  unless they are backed by transparent huge pages (README, Speed: the page
+  faults and system time with and without them). glibc reads its settings
+  only at process start, so entry points re-execute themselves with them once.
+* A process that only runs models forward instead keeps what it frees
   (`glibc.malloc.mmap_max=0`, a trim threshold it never reaches) and
   allocates from one arena (`glibc.malloc.arena_max=1`): XLA's threads
   allocate a program's temporaries, and a thread's own arena serves a block
   over 64 MiB with a fresh mapping whatever `mmap_max` says. Every batch then
-  reuses the last one's pages instead of faulting and zeroing them again.
-  Training does not: beside tf.data's threads the one arena slowed the loop,
-  and the kept memory would take the seed model's loop over 3 GiB (README,
-  Speed).
+  reuses the last one's pages instead of faulting and zeroing them again,
+  and the heap's few growths fault in small pages: huge ones stalled those
+  batches compacting memory. Training does not: beside tf.data's threads the
+  one arena slowed the loop, and the kept memory would take the seed model's
+  loop over 3 GiB (README, Speed).
 
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.
@@ -52,12 +53,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 # workload -> GLIBC_TUNABLES (see the module docstring).
 GLIBC_TUNABLES = {
-    'train': HUGE_PAGES_TUNABLE,
-    'forward': (f'{HUGE_PAGES_TUNABLE}:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**36}'
-                ':glibc.malloc.arena_max=1'),
+    'train': 'glibc.malloc.hugetlb=1',
+    'forward': f'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**36}:glibc.malloc.arena_max=1',
 }
 # jaxlib (major, minor) -> {workload: XLA:CPU flags measured to speed it up}.
 # 'train': processes that train (launch.py); 'forward': processes that only
