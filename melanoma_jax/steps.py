@@ -150,12 +150,12 @@ def train_step(state: TrainState, batch: Batch,
   # each optimizer array in fewer passes over memory.
   finite = jnp.isfinite(optax.tree.sum(grads))  # grads are averaged: the same on every device
 
-  def updated(_):
+  def updated(new_model_state):
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), model_state, opt_state
+    return optax.apply_updates(state.params, updates), new_model_state, opt_state
 
   params, model_state, opt_state = jax.lax.cond(
-      finite, updated, lambda _: (state.params, state.model_state, state.opt_state), None)
+      finite, updated, lambda _: (state.params, state.model_state, state.opt_state), model_state)
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state)
   weights = jnp.where(finite, jnp.ones_like(loss), jnp.zeros_like(loss))
