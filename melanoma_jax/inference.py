@@ -154,8 +154,9 @@ def predict_files(state: steps.TrainState, files: Sequence[pathlib.Path], image_
     readable = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
     if not readable:
       return None
-    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-    images[readable] = preprocessing.model_inputs(np.stack([decoded[i][0] for i in readable]), image_size)
+    stored = np.zeros((batch_size, stored_size, stored_size, 3), np.uint8)  # One shape: one compile.
+    stored[readable] = [decoded[i][0] for i in readable]
+    images = preprocessing.model_inputs(stored, image_size)
     encoded = None
     if metadata is not None:
       encoded = metadata_lib.unknown(batch_size)

@@ -54,6 +54,21 @@ def folder_config(tiny_config, tmp_path_factory):
   return config
 
 
+@pytest.mark.parametrize('shape,size', [((2, 256, 256), 180), ((3, 48, 64), 32), ((2, 20, 20), 32),
+                                        ((2, 32, 32), 32), ((2, 7, 300), 5)])
+def test_model_inputs_are_tensorflows_resize_pixel_for_pixel(shape, size):
+  """Prediction's resize (XLA) against the input pipeline's (TensorFlow's op): down, up and no scale,
+  on noise, on a checkerboard (ties at half a grey level) and on a ramp."""
+  rng = np.random.default_rng(sum(shape) + size)
+  noise = rng.integers(0, 256, (*shape, 3), np.uint8)
+  checkerboard = np.broadcast_to((np.indices(shape[1:]).sum(0) % 2)[None, :, :, None] * [1, 255, 128],
+                                 noise.shape).astype(np.uint8)
+  ramp = np.linspace(0, 255, noise.size).reshape(noise.shape).round().astype(np.uint8)
+  for stored in (noise, checkerboard, ramp):
+    np.testing.assert_array_equal(preprocessing.model_inputs(stored, size),
+                                  preprocessing.resize(stored, size).numpy())
+
+
 @pytest.mark.parametrize('options', [preprocessing.Preprocess(), OPTIONS], ids=['default', 'options'])
 def test_a_file_becomes_the_pixels_training_reads_for_it(folder_config, options):
   config = folder_config.copy_and_resolve_references()
