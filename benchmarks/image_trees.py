@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from melanoma_jax.datasets import ISIC_CLASSES
+from melanoma_jax.datasets import ISIC_CLASSES, synthetic_lesions
 
 FIXTURE_SIZE = (600, 450)  # (width, height) of the ISIC archive's JPEGs.
 
@@ -33,6 +33,19 @@ def write_fixture_tree(root: str, per_class: int) -> None:
         noise = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
         Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(
             folder / f'ISIC_{i:07d}.jpg', quality=90)
+
+
+def write_lesion_jpegs(folder: str, count: int) -> list[str]:
+  """`count` FIXTURE_SIZE synthetic lesion JPEGs in `folder` (rendered small, enlarged, with sensor noise)."""
+  paths = []
+  for i in range(count):
+    rng = np.random.default_rng(i)
+    lesion = synthetic_lesions.render_lesion(rng, ISIC_CLASSES[i % len(ISIC_CLASSES)], 160)
+    large = np.asarray(Image.fromarray(lesion).resize(FIXTURE_SIZE, Image.Resampling.BICUBIC))
+    noisy = np.clip(large + rng.normal(0, 3, large.shape), 0, 255).astype(np.uint8)
+    paths.append(os.path.join(folder, f'ISIC_{i:07d}.jpg'))
+    Image.fromarray(noisy).save(paths[-1], quality=90)
+  return paths
 
 
 def write_scale_tree(root: str, count: int, size: int, distinct: int) -> None:

@@ -54,29 +54,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed passes of each, alternating
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: serve Keras passes over this folder.')
 
 _CLASSES = 9
-_WIDTH, _HEIGHT = 600, 450
 
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _write_jpegs(folder: str, count: int) -> list[str]:
-  """`count` 600x450 synthetic lesion JPEGs (rendered small, enlarged, with sensor noise)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  from melanoma_jax.datasets import synthetic_lesions  # pylint: disable=g-import-not-at-top
-
-  paths = []
-  for i in range(count):
-    rng = np.random.default_rng(i)
-    lesion = synthetic_lesions.render_lesion(rng, synthetic_lesions.ISIC_CLASSES[i % _CLASSES], 160)
-    large = np.asarray(Image.fromarray(lesion).resize((_WIDTH, _HEIGHT), Image.Resampling.BICUBIC))
-    noisy = np.clip(large + rng.normal(0, 3, large.shape), 0, 255).astype(np.uint8)
-    paths.append(os.path.join(folder, f'ISIC_{i:07d}.jpg'))
-    Image.fromarray(noisy).save(paths[-1], quality=90)
-  return paths
 
 
 def _write_run(workdir: str) -> None:
@@ -194,15 +175,18 @@ def main(argv: list[str]) -> None:
   runtime.configure(reexec=True, workload='forward')  # as `inference` does
   import jax  # pylint: disable=g-import-not-at-top
 
+  from benchmarks import image_trees  # pylint: disable=g-import-not-at-top
+
   n, size, batch = _NUM_IMAGES.value, _IMAGE_SIZE.value, _BATCH_SIZE.value
+  width, height = image_trees.FIXTURE_SIZE
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs; '
-        f'{n} {_WIDTH}x{_HEIGHT} JPEGs -> seed_cnn {size}x{size} (stored {_STORED_SIZE.value}), '
+        f'{n} {width}x{height} JPEGs -> seed_cnn {size}x{size} (stored {_STORED_SIZE.value}), '
         f'batch {batch}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     folder, workdir = os.path.join(tmp, 'images'), os.path.join(tmp, 'run')
     os.makedirs(folder)
     os.makedirs(workdir)
-    files = [pathlib.Path(p) for p in _write_jpegs(folder, n)]
+    files = [pathlib.Path(p) for p in image_trees.write_lesion_jpegs(folder, n)]
     _write_run(workdir)
     keras_ = _Keras(folder)
     print(f'keras: first batch {keras_.first["first_batch_s"]:.1f} s after process start '
