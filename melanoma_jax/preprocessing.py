@@ -325,8 +325,11 @@ def model_inputs(stored: np.ndarray, image_size: int) -> jax.Array:
 
   The same pixels as `resize` (TensorFlow's own weights, summed in its
   order), for a fraction of its CPU time: prediction is bound by CPU time.
+  Computed on the host's CPU, as the input pipeline computes it (a TPU has
+  no IEEE float64), and left uncommitted: the model's program takes it to
+  its own devices.
   """
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), jax.default_device(jax.local_devices(backend='cpu')[0]):
     return _resize(stored, image_size)
 
 
