@@ -71,7 +71,8 @@ def _pil_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     total = 0.0
     for v in w:  # In order, as Pillow adds them.
       total += v
-    fixed = [int(v / total * (1 << _PRECISION_BITS) + (-0.5 if v / total < 0 else 0.5)) for v in w]
+    normalized = [v / total for v in w]
+    fixed = [int(v * (1 << _PRECISION_BITS) + (-0.5 if v < 0 else 0.5)) for v in normalized]
     shift = max(first + taps - in_size, 0)
     starts[xx] = first - shift
     weights[xx, shift:shift + count] = fixed
@@ -129,12 +130,12 @@ def main(argv: list[str]) -> None:
   xla_lanczos = _xla_lanczos(np.stack([np.asarray(image) for image in decoded]), stored_size)
   tensorflow = lambda: preprocessing.resize(stored, image_size).numpy()
   ours = lambda: np.asarray(preprocessing.model_inputs(stored, image_size))
-  for step, peer, xla in (('LANCZOS to the stored square', ('PIL', pil), xla_lanczos),
-                          ("antialiased to the model's side", ('TensorFlow', tensorflow), ours)):
-    peer_ms, xla_ms = _best_cpu_ms(peer[1]), _best_cpu_ms(xla)
+  for step, peer_name, peer, xla in (('LANCZOS to the stored square', 'PIL', pil, xla_lanczos),
+                                     ("antialiased to the model's side", 'TensorFlow', tensorflow, ours)):
+    peer_ms, xla_ms = _best_cpu_ms(peer), _best_cpu_ms(xla)
     out = np.asarray(xla())
-    print(f'{step:32s} {peer[0]:10s} {peer_ms:6.1f} ms  XLA {xla_ms:6.1f} ms  ({xla_ms / peer_ms:.2f}x '
-          f'the CPU time; {np.sum(out != peer[1]())} of {out.size} values differ)')
+    print(f'{step:32s} {peer_name:10s} {peer_ms:6.1f} ms  XLA {xla_ms:6.1f} ms  ({xla_ms / peer_ms:.2f}x '
+          f'the CPU time; {np.sum(out != peer())} of {out.size} values differ)')
 
 
 if __name__ == '__main__':
