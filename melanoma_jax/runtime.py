@@ -114,9 +114,13 @@ def with_xla_flags(current: str, flags: Sequence[str]) -> str:
   return ' '.join([*current.split(), *(f for f in flags if f.split('=')[0] not in names)])
 
 
+# Logged by TensorFlow while stderr is captured, so that absl's one-time notice
+# comes with it (below) rather than before the first warning a run shows.
+_FIRST_LOG_LINE = 'melanoma_jax: TensorFlow C++ logging started'
 # Informational lines TensorFlow's native libraries print while loading.
 START_UP_BANNERS = (
     'All log messages before absl::InitializeLog() is called are written to STDERR',
+    _FIRST_LOG_LINE,
     'oneDNN custom operations are on',
     'This TensorFlow binary is optimized to use available CPU instructions',
     'To enable the following instructions:',
@@ -138,7 +142,12 @@ def _import_tensorflow_quietly() -> None:
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import tensorflow  # pylint: disable=g-import-not-at-top
+      # absl prints its notice with TensorFlow's first C++ log line, which some
+      # CPUs get while loading (a banner above) and others only at a run's first
+      # warning; an error-level line (shown at every TF_CPP_MIN_LOG_LEVEL but 3)
+      # brings it here.
+      tensorflow.raw_ops.PrintV2(input=_FIRST_LOG_LINE, output_stream='log(error)', end='')
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
