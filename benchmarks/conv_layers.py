@@ -9,7 +9,8 @@ the given image size), times the forward pass, the input gradient and the
 kernel gradient as separate programs: in this process, jitted JAX with the
 process settings `launch.py` applies, once as `lax.conv_general_dilated`
 as written (`native`) and once through the lowering the model trains with
-(`conv_impl=auto`: `onednn` where oneDNN is installed); in a TensorFlow
+(`conv_impl=auto`: `onednn` where oneDNN is installed, with the names of
+oneDNN's kernels); in a TensorFlow
 process of its own, the ops Keras runs (`Conv2D`, `Conv2DBackpropInput`,
 `Conv2DBackpropFilter`, oneDNN on x86). Printed: milliseconds per batch
 (best of `repeats`), GFLOP/s, and the ratio TensorFlow/ours (above 1: ours
@@ -154,6 +155,13 @@ def main(argv: list[str]) -> None:
   print(f'\nall four layers, as a training step runs them (ours: conv_impl=auto, {auto}):')
   for op, (tf_total, ours_total) in totals.items():
     print(f'  {op:12s} TF {tf_total:6.1f} ms, ours {ours_total:6.1f} ms, TF/ours {tf_total / ours_total:.2f}')
+  if auto == 'onednn':
+    from melanoma_jax.models import onednn  # pylint: disable=g-import-not-at-top
+    print("\noneDNN's kernels (forward, input gradient, kernel gradient; a kernel gradient without "
+          "AVX-512 is XLA's):")
+    for name, side, cin, cout in _layers(size):
+      kernels = onednn.implementations((batch, side, side, cin), (3, 3, cin, cout), (1, 1), ((0, 0), (0, 0)))
+      print(f'  {name:6s} {"  ".join(kernels)}')
 
 
 if __name__ == '__main__':

@@ -24,6 +24,12 @@ LOWERINGS = [pytest.param(impl, marks=pytest.mark.skipif(
 JAXLIB = importlib.metadata.version('jaxlib')
 
 
+@pytest.fixture(params=['onednn', 'xla'])
+def kernel_grad_by(request, monkeypatch):
+  """Each way of computing a oneDNN layer's kernel gradient; which one a layer takes depends on the CPU."""
+  monkeypatch.setattr(onednn, '_kernel_grad_by_xla', lambda *args: request.param == 'xla')
+
+
 def _conv_reference(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -120,8 +126,8 @@ def test_onednn_build_problems_say_what_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
-def test_onednn_gradients_are_the_same_bits_every_run():
-  """Bitwise resume needs a deterministic step: oneDNN's kernel gradient reduces in a fixed order."""
+def test_onednn_gradients_are_the_same_bits_every_run(kernel_grad_by):
+  """Bitwise resume needs a deterministic step: either kernel gradient reduces in a fixed order."""
   x = jax.random.normal(jax.random.key(0), (4, 20, 20, 16))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 32))
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(onednn.conv(x, k))), argnums=(0, 1)))
@@ -234,7 +240,7 @@ def _ops_in(fn, *args) -> set[str]:
     (3, 1, 'SAME'), (3, 2, 'SAME'), (3, 2, ((0, 1), (1, 0))),  # ResNet, EfficientNet stem
     (7, 2, ((3, 3), (3, 3))), (4, 4, 'VALID')])                 # ResNet stem, ViT patches
 @pytest.mark.parametrize('shape', [(2, 12, 12, 3), (3, 9, 11, 5)])  # even and odd sides
-def test_onednn_conv_is_nn_conv_in_value_and_gradients(kernel, strides, padding, shape):
+def test_onednn_conv_is_nn_conv_in_value_and_gradients(kernel, strides, padding, shape, kernel_grad_by):
   x = jax.random.normal(jax.random.key(0), shape)
   reference = nn.Conv(4, (kernel, kernel), strides, padding=padding)
   ours = reference.clone(conv_general_dilated=onednn.conv_general_dilated)
@@ -257,7 +263,7 @@ def test_onednn_grouped_conv_is_nn_conv_in_value_and_gradients(groups, features,
 
 @pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
 @pytest.mark.parametrize('shape,features', [((2, 12, 9, 3), 4), ((3, 9, 11, 16), 8)])
-def test_seed_conv_relu_fused_by_onednn_is_relu_of_nn_conv(shape, features):
+def test_seed_conv_relu_fused_by_onednn_is_relu_of_nn_conv(shape, features, kernel_grad_by):
   """Bias and ReLU inside oneDNN's convolution, the bias gradient with the kernel's: nn.Conv + relu."""
   x = jax.random.normal(jax.random.key(0), shape)
   conv = nn.Conv(features, (3, 3), padding='VALID')
@@ -268,6 +274,25 @@ def test_seed_conv_relu_fused_by_onednn_is_relu_of_nn_conv(shape, features):
   assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
   assert 'ffi_call' in _ops_in(jax.grad(lambda v: jnp.sum(ours.apply(v, x))), variables)
   _assert_same_values_and_gradients(ours, reference, variables, x)
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+@pytest.mark.parametrize('names,by_xla', [
+    (('brg_conv_fwd:avx512_core', 'brg_conv_bwd_d:avx512_core', 'jit:avx512_core'), False),
+    (('brg_conv_fwd:avx2', 'brg_conv_bwd:avx2+brg_conv_fwd:avx2', 'jit:avx2'), True),
+    (('brg_conv_fwd:avx2', 'brgconv_strided:avx2', 'x64:gemm:jit'), True)])
+def test_kernel_gradients_leave_onednn_where_it_has_no_avx512_kernel_for_them(names, by_xla, monkeypatch):
+  """oneDNN's kernel gradients without AVX-512 were measured slower than XLA's (`benchmarks/conv_layers.py`)."""
+  monkeypatch.setattr(onednn, 'implementations', lambda *args: names)
+  x, kernel, depthwise = jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, 8)), jnp.zeros((3, 3, 1, 4))
+  assert onednn._kernel_grad_by_xla(x, kernel, (1, 1), ((1, 1), (1, 1)), False) == by_xla
+  assert not onednn._kernel_grad_by_xla(x, depthwise, (1, 1), ((1, 1), (1, 1)), False)
+
+
+@pytest.mark.skipif(bool(ONEDNN_MISSING), reason=f'oneDNN unavailable: {ONEDNN_MISSING}')
+def test_onednn_names_the_kernels_it_runs():
+  names = onednn.implementations((2, 12, 12, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1)))
+  assert len(names) == 3 and all(':' in name for name in names), names
 
 
 @pytest.mark.parametrize('on_onednn', [pytest.param(True, marks=pytest.mark.skipif(

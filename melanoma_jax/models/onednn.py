@@ -1,11 +1,12 @@
 """oneDNN convolutions inside XLA:CPU programs (seed `conv_impl='onednn'`, the backbones' KxK convolutions).
 
 XLA:CPU runs convolutions with Eigen; TensorFlow (Keras) runs them with
-oneDNN, whose kernel gradients take about half Eigen's time, and that is
-most of the gap between our seed-model step and Keras' on a CPU. jaxlib's
-PyPI builds do not route convolutions to oneDNN, so `onednn_conv.cc` wraps
-oneDNN's three convolution primitives as XLA FFI handlers, which a jitted
-step calls on XLA's own buffers.
+oneDNN, whose forward passes and input gradients beat Eigen's, and whose
+kernel gradients take about half Eigen's time on CPUs with AVX-512 (below
+it XLA computes those: `_kernel_grad_by_xla`). jaxlib's PyPI builds do not
+route convolutions to oneDNN, so `onednn_conv.cc` wraps oneDNN's three
+convolution primitives as XLA FFI handlers, which a jitted step calls on
+XLA's own buffers.
 
 Optional: it needs Intel's oneDNN wheels (`pip install -e '.[onednn]'`) and
 a C++ compiler (`g++`, or `$CXX`). The handlers are compiled once per
@@ -86,7 +87,7 @@ def _build(library_dir: str, include_dirs: list[str], key: str) -> str:
 
 
 @functools.cache
-def _load() -> None:
+def _load() -> ctypes.CDLL:
   """Builds (if needed) and loads the handlers and registers them with XLA, once per process."""
   libdnnl = _installed_file('onednn', 'libdnnl.so')
   header = _installed_file('onednn-devel', 'dnnl.hpp')
@@ -109,6 +110,7 @@ def _load() -> None:
   for op, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(_PREFIX + op, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
+  return library
 
 
 @functools.cache
@@ -122,6 +124,40 @@ def unavailable_reason() -> str | None:
         'to train): %s', e)
     return str(e)
   return None
+
+
+@functools.cache
+def implementations(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int],
+                    padding: tuple[tuple[int, int], tuple[int, int]], fused: bool = False) -> tuple[str, ...]:
+  """oneDNN's names for the kernels it runs for one layer: forward, input gradient, kernel gradient.
+
+  Each name ends with the instruction set it uses, e.g. 'brg_conv_fwd:avx2'.
+  """
+  (top, bottom), (left, right) = padding
+  key = (*x_shape, *kernel_shape[:2], kernel_shape[3], x_shape[3] // kernel_shape[2], *strides,
+         top, bottom, left, right, int(fused))
+  names = ctypes.create_string_buffer(1024)
+  if _load().MjOnednnImplementations((ctypes.c_int64 * len(key))(*key), names, len(names)):
+    raise Unavailable(f'oneDNN has no convolution for input {x_shape} and kernel {kernel_shape}: '
+                      f'{names.value.decode()}')
+  return tuple(names.value.decode().split())
+
+
+def _kernel_grad_by_xla(x, kernel, strides, padding, fused) -> bool:
+  """Whether XLA computes this layer's kernel gradient faster than oneDNN.
+
+  oneDNN's AVX-512 kernel gradients take about half Eigen's time; without
+  AVX-512 it falls back to kernels (AVX2 direct, or im2col and a matrix
+  product) slower than XLA's. Grouped (depthwise) kernels stay with oneDNN.
+  """
+  return (kernel.shape[2] == x.shape[3]
+          and 'avx512' not in implementations(x.shape, kernel.shape, strides, padding, fused)[2])
+
+
+def _xla_kernel_grad(x, kernel, strides, padding, dy) -> jax.Array:
+  conv = lambda k: lax.conv_general_dilated(x, k, strides, padding,
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.vjp(conv, kernel)[1](dy)[0]
 
 
 def _call(op: str, shapes: Sequence[tuple[int, ...]], geometry: dict[str, np.int64],
@@ -191,8 +227,11 @@ def _conv_fwd(x, kernel, strides, padding):
 def _conv_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   geometry = _geometry(strides, padding)
-  return (_call('backward_data', [x.shape], geometry, x, kernel, dy)[0],
-          _call('backward_weights', [kernel.shape], geometry, x, kernel, dy)[0])
+  if _kernel_grad_by_xla(x, kernel, strides, padding, False):
+    dkernel = _xla_kernel_grad(x, kernel, strides, padding, dy)
+  else:
+    dkernel = _call('backward_weights', [kernel.shape], geometry, x, kernel, dy)[0]
+  return _call('backward_data', [x.shape], geometry, x, kernel, dy)[0], dkernel
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -213,8 +252,11 @@ def _conv_bias_relu_bwd(strides, padding, residuals, dy):
   x, kernel, y = residuals
   geometry = _geometry(strides, padding)
   dz = jnp.where(y > 0, dy, 0)  # ReLU's gradient, 0 at 0 as jax.nn.relu's
-  dkernel, dbias = _call('backward_weights_bias', [kernel.shape, kernel.shape[-1:]], geometry,
-                         x, kernel, dz)
+  if _kernel_grad_by_xla(x, kernel, strides, padding, True):
+    dkernel, dbias = _xla_kernel_grad(x, kernel, strides, padding, dz), dz.sum((0, 1, 2))
+  else:
+    dkernel, dbias = _call('backward_weights_bias', [kernel.shape, kernel.shape[-1:]], geometry,
+                           x, kernel, dz)
   return _call('backward_data', [x.shape], geometry, x, kernel, dz)[0], dkernel, dbias
 
 

@@ -2,7 +2,7 @@
 // depthwise included; no dilation; float32) as XLA FFI handlers running
 // oneDNN, the library TensorFlow/Keras use on x86 CPUs. XLA:CPU runs
 // convolutions with Eigen, whose kernel gradients take about twice oneDNN's
-// time. A fused variant adds a bias and a ReLU inside the convolution's
+// time on CPUs with AVX-512. A fused variant adds a bias and a ReLU inside the convolution's
 // pass, and computes the bias gradient with the kernel's: each saves a pass
 // over a large activation. Built and loaded by melanoma_jax/models/onednn.py;
 // every buffer is XLA's own (no copies).
@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 
@@ -45,19 +46,30 @@ dnnl::stream& Stream() {
   return stream;
 }
 
-// The three primitives of one layer shape. The gradients keep the
-// activations in XLA's NHWC layout and let oneDNN pick the kernel's layout
-// (its fast gradient kernels need a blocked one); kernels are reordered.
+// The three primitives of one layer shape. All keep the activations in
+// XLA's NHWC layout. The gradients let oneDNN pick the kernel's layout (its
+// fast gradient kernels need a blocked one), and so does the forward pass
+// where, given the kernel as it is, oneDNN would compute it as an im2col
+// matrix product (on CPUs without AVX-512); kernels are reordered.
 struct Layer {
   memory::desc src, weights, bias, dst;
   dnnl::convolution_forward forward;
+  dnnl::convolution_forward::primitive_desc forward_pd;
+  bool forward_reorders = false;
+  dnnl::reorder weights_to_forward;
   dnnl::convolution_backward_data::primitive_desc data_pd;
   dnnl::convolution_backward_data backward_data;
   dnnl::reorder weights_to_data;
   dnnl::convolution_backward_weights::primitive_desc weights_pd;
   dnnl::convolution_backward_weights backward_weights;
   dnnl::reorder weights_grad_to_hwio;
+  // oneDNN's names for the kernels it chose (forward, input and kernel gradients).
+  std::string implementations;
 };
+
+bool IsMatrixProduct(const dnnl::primitive_desc_base& pd) {
+  return std::string(pd.impl_info_str()).find("gemm") != std::string::npos;
+}
 
 std::unique_ptr<Layer> MakeLayer(const Key& key) {
   auto [n, h, w, c, kh, kw, f, groups, sh, sw, pt, pb, pl, pr, fused] = key;
@@ -78,20 +90,32 @@ std::unique_ptr<Layer> MakeLayer(const Key& key) {
   auto& engine = Engine();
   const auto algorithm = dnnl::algorithm::convolution_direct;
   const auto training = dnnl::prop_kind::forward_training;
-  dnnl::convolution_forward::primitive_desc forward_pd;
+  dnnl::primitive_attr attr;
   if (fused) {
     layer->bias = desc({f}, Tag::a);
     dnnl::post_ops relu;
     relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    dnnl::primitive_attr attr;
     attr.set_post_ops(relu);
-    forward_pd = dnnl::convolution_forward::primitive_desc(
-        engine, training, algorithm, layer->src, layer->weights, layer->bias, layer->dst, strides,
-        pad_l, pad_r, attr);
-  } else {
-    forward_pd = dnnl::convolution_forward::primitive_desc(
-        engine, training, algorithm, layer->src, layer->weights, layer->dst, strides, pad_l, pad_r);
   }
+  auto forward_desc = [&](const memory::desc& weights) {
+    return fused ? dnnl::convolution_forward::primitive_desc(engine, training, algorithm, layer->src,
+                                                             weights, layer->bias, layer->dst,
+                                                             strides, pad_l, pad_r, attr)
+                 : dnnl::convolution_forward::primitive_desc(engine, training, algorithm, layer->src,
+                                                             weights, layer->dst, strides, pad_l,
+                                                             pad_r);
+  };
+  auto forward_pd = forward_desc(layer->weights);
+  if (IsMatrixProduct(forward_pd)) {
+    auto blocked = forward_desc(any_weights);
+    if (!IsMatrixProduct(blocked)) {
+      forward_pd = blocked;
+      layer->forward_reorders = true;
+      layer->weights_to_forward = dnnl::reorder(
+          dnnl::reorder::primitive_desc(engine, layer->weights, engine, forward_pd.weights_desc()));
+    }
+  }
+  layer->forward_pd = forward_pd;
   layer->forward = dnnl::convolution_forward(forward_pd);
   layer->data_pd = dnnl::convolution_backward_data::primitive_desc(
       engine, algorithm, layer->src, any_weights, layer->dst, strides, pad_l, pad_r, forward_pd);
@@ -107,6 +131,8 @@ std::unique_ptr<Layer> MakeLayer(const Key& key) {
   layer->backward_weights = dnnl::convolution_backward_weights(layer->weights_pd);
   layer->weights_grad_to_hwio = dnnl::reorder(dnnl::reorder::primitive_desc(
       engine, layer->weights_pd.diff_weights_desc(), engine, layer->weights));
+  layer->implementations = forward_pd.impl_info_str() + std::string(" ") +
+                           layer->data_pd.impl_info_str() + " " + layer->weights_pd.impl_info_str();
   return layer;
 }
 
@@ -140,12 +166,21 @@ ffi::Error Guarded(Run run) {
   return ffi::Error::Success();
 }
 
+// The kernel as the layer's forward primitive takes it: XLA's buffer, or a reordered copy.
+memory ForwardWeights(const Layer& layer, const float* kernel) {
+  memory hwio = Wrap(layer.weights, const_cast<float*>(kernel));
+  if (!layer.forward_reorders) return hwio;
+  memory blocked(layer.forward_pd.weights_desc(), Engine());
+  layer.weights_to_forward.execute(Stream(), hwio, blocked);
+  return blocked;
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, Geometry g,
                    ffi::ResultBuffer<ffi::F32> y) {
   return Guarded([&] {
     const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g));
     layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
-                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel.typed_data())},
+                                     {DNNL_ARG_WEIGHTS, ForwardWeights(layer, kernel.typed_data())},
                                      {DNNL_ARG_DST, Wrap(layer.dst, y->typed_data())}});
   });
 }
@@ -156,7 +191,7 @@ ffi::Error ForwardBiasReLU(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
   return Guarded([&] {
     const Layer& layer = GetLayer(KeyOf(x.dimensions(), kernel.dimensions(), g, true));
     layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x.typed_data())},
-                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel.typed_data())},
+                                     {DNNL_ARG_WEIGHTS, ForwardWeights(layer, kernel.typed_data())},
                                      {DNNL_ARG_BIAS, Wrap(layer.bias, bias.typed_data())},
                                      {DNNL_ARG_DST, Wrap(layer.dst, y->typed_data())}});
   });
@@ -218,7 +253,7 @@ extern "C" int MjOnednnCheck(char* error, size_t size) {
     const Layer& layer = GetLayer({1, 3, 3, 1, 3, 3, 1, 1, 1, 1, 0, 0, 0, 0, 0});
     float x[9] = {}, kernel[9] = {}, y[1];
     layer.forward.execute(Stream(), {{DNNL_ARG_SRC, Wrap(layer.src, x)},
-                                     {DNNL_ARG_WEIGHTS, Wrap(layer.weights, kernel)},
+                                     {DNNL_ARG_WEIGHTS, ForwardWeights(layer, kernel)},
                                      {DNNL_ARG_DST, Wrap(layer.dst, y)}});
     Stream().wait();
   } catch (const std::exception& e) {
@@ -262,3 +297,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardData, BackwardData, GradientBi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeights, BackwardWeights, GradientBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjOnednnConvBackwardWeightsBias, BackwardWeightsBias,
                               GradientBinding().Ret<ffi::Buffer<ffi::F32>>());
+
+// The kernels oneDNN picked for one layer (`key`: `Key`'s 15 integers), space-separated in
+// `names`: 0, or 1 with the reason there.
+extern "C" int MjOnednnImplementations(const int64_t* key, char* names, size_t size) {
+  try {
+    const Layer& layer = GetLayer({key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+                                   key[8], key[9], key[10], key[11], key[12], key[13], key[14]});
+    std::snprintf(names, size, "%s", layer.implementations.c_str());
+  } catch (const std::exception& e) {
+    std::snprintf(names, size, "%s", e.what());
+    return 1;
+  }
+  return 0;
+}
