@@ -41,7 +41,8 @@ XLA flag of the same name wins.
 The console is for the user's progress and results: TensorFlow's native
 libraries print start-up banners (oneDNN, CPU features, absl's pre-init
 notice) that no log level reaches, so `configure` imports TensorFlow with
-those lines dropped and everything else it prints kept, and sets
+those lines dropped and everything else it prints kept (and without the
+Keras it loads for SavedModels, until something asks for Keras), and sets
 TF_CPP_MIN_LOG_LEVEL=1 (unless set) so its later INFO lines stay quiet while
 warnings and errors show.
 """
@@ -117,6 +118,8 @@ def with_xla_flags(current: str, flags: Sequence[str]) -> str:
 # Logged by TensorFlow while stderr is captured, so that absl's one-time notice
 # comes with it (below) rather than before the first warning a run shows.
 _FIRST_LOG_LINE = 'melanoma_jax: TensorFlow C++ logging started'
+# The module `import tensorflow` loads Keras for (tensorflow/__init__.py, b/196254385).
+_KERAS_AT_TF_IMPORT = 'keras.src.optimizers'
 # Informational lines TensorFlow's native libraries print while loading.
 START_UP_BANNERS = (
     'All log messages before absl::InitializeLog() is called are written to STDERR',
@@ -139,6 +142,13 @@ def _import_tensorflow_quietly() -> None:
     return
   sys.stderr.flush()
   saved = os.dup(2)
+  # TensorFlow imports Keras while loading, only to register Keras' optimizers
+  # for loading SavedModels (none here), in a try that lets it fail: Keras and
+  # what it pulls in (scikit-learn) slowed every start. Keras still loads when
+  # used (`tf.keras`, `import keras`).
+  skip_keras = 'keras' not in sys.modules
+  if skip_keras:
+    sys.modules[_KERAS_AT_TF_IMPORT] = None  # import raises ImportError
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
@@ -149,6 +159,8 @@ def _import_tensorflow_quietly() -> None:
       # brings it here.
       tensorflow.raw_ops.PrintV2(input=_FIRST_LOG_LINE, output_stream='log(error)', end='')
     finally:
+      if skip_keras:
+        del sys.modules[_KERAS_AT_TF_IMPORT]
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)

@@ -10,6 +10,8 @@ Metrics are `{name: (sum, count)}` pairs summed over devices, so the host
 divides once and means are exact whatever the batch split or padding.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -62,7 +64,7 @@ def create_train_state(rng: jax.Array, model: nn.Module,
                        loss: losses.Loss | None = None) -> TrainState:
   """Initialises parameters, other model collections and optimizer state."""
   init_rng, state_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
+  variables = init_variables(model, init_rng, image_shape)
   params = variables['params']
   model_state = {name: tree for name, tree in variables.items()
                  if name != 'params' and name not in _TRANSIENT_COLLECTIONS}
@@ -70,6 +72,30 @@ def create_train_state(rng: jax.Array, model: nn.Module,
       step=jnp.asarray(0, jnp.int32), params=params,
       model_state=model_state, opt_state=tx.init(params),
       rng=jax.random.key_data(state_rng), model=model, tx=tx, loss=loss)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """`model.init` on uint8 images of `image_shape`, as one compiled program per (model, image shape).
+
+  Run op by op, every initializer compiles on its own for each parameter
+  shape, which made a run's start wait longest on its initialisation. On the
+  CPU it compiles at LLVM optimisation level 1: the program runs once, so its
+  compile is nearly all its time. The values are flax's own op-by-op `init`
+  (to the bit for the seed model, tests/test_steps.py; a fused normal
+  initializer may round its last bit differently).
+  """
+  # Compiler options are for a top-level jit only, not one inside a caller's trace (eval_shape).
+  top_level = not isinstance(rng, jax.core.Tracer)
+  return _compiled_init(jax.default_backend() if top_level else None)(model, rng, tuple(image_shape))
+
+
+@functools.cache
+def _compiled_init(backend: str | None) -> Callable[[nn.Module, jax.Array, tuple[int, int, int]], dict[str, Any]]:
+  """The jitted init, reused by equal models (flax modules compare and hash by their fields)."""
+  def init(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    return model.init(rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
+  options = {'xla_backend_optimization_level': 1} if backend == 'cpu' else None
+  return jax.jit(init, static_argnums=(0, 2), compiler_options=options)
 
 
 def head_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

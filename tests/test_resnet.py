@@ -3,11 +3,10 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from melanoma_jax import models
+from melanoma_jax import models, steps
 from melanoma_jax.models import resnet, weight_files
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
@@ -68,13 +67,13 @@ def test_fit_pretrained_keeps_backbone_and_statistics_and_replaces_head():
   arrays, _, _ = _fixture('resnet18_w4')
   pretrained = resnet.convert_torch(arrays, GOLDEN['resnet18_w4'])
   module = resnet.ResNet18(num_classes=3, widths=(4, 8, 16, 32))
-  template = module.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)
+  template = steps.init_variables(module, jax.random.key(1), (32, 32, 3))
   fitted = models.fit_pretrained('resnet18', pretrained, template)
   np.testing.assert_array_equal(fitted['params']['head']['kernel'], template['params']['head']['kernel'])
   np.testing.assert_array_equal(fitted['params']['layer4_1']['conv2']['kernel'],
                                 arrays['layer4.1.conv2.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(fitted['batch_stats']['bn1']['var'], arrays['bn1.running_var'])
   wider = resnet.ResNet18(num_classes=3, widths=(8, 8, 16, 32))
-  template = wider.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)
+  template = steps.init_variables(wider, jax.random.key(1), (32, 32, 3))
   with pytest.raises(ValueError, match='batch_stats/layer1_0/bn1/mean has shape'):
     models.fit_pretrained('resnet18', pretrained, template)

@@ -118,13 +118,15 @@ def test_users_own_malloc_tunables_are_left_alone():
   assert out.startswith("['arg one', '--two'] glibc.malloc.arena_max=2 ")
 
 
-def test_tensorflow_loads_without_its_banners_and_still_shows_its_warnings():
-  # A cache read only in part makes tf.data log a C++ warning.
-  code = ('from melanoma_jax import runtime; runtime.configure(); import tensorflow as tf; '
-          'list(tf.data.Dataset.range(3).cache().take(1))')
+def test_tensorflow_loads_without_its_banners_or_keras_and_still_shows_its_warnings():
+  # A cache read only in part makes tf.data log a C++ warning. Keras loads when asked for.
+  code = ('from melanoma_jax import runtime; runtime.configure(); import sys, tensorflow as tf; '
+          'list(tf.data.Dataset.range(3).cache().take(1)); print("keras" in sys.modules); '
+          'print(tf.keras.optimizers.Adam(0.1).learning_rate.numpy())')
   env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
-  err = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       check=True).stderr
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+  assert result.stdout.split() == ['False', '0.1']
+  err = result.stderr
   assert 'did not fully read the dataset being cached' in err
   for banner in runtime.START_UP_BANNERS:
     assert banner not in err
