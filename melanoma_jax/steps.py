@@ -85,17 +85,27 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int
   initializer may round its last bit differently).
   """
   # Compiler options are for a top-level jit only, not one inside a caller's trace (eval_shape).
-  top_level = not isinstance(rng, jax.core.Tracer)
-  return _compiled_init(jax.default_backend() if top_level else None)(model, rng, tuple(image_shape))
+  backend = jax.default_backend() if not isinstance(rng, jax.core.Tracer) else None
+  try:
+    hash(model)
+  except TypeError:  # a field flax cannot hash (a list): a program for this call alone
+    return jax.jit(functools.partial(_init, model), static_argnums=1,
+                   compiler_options=_init_options(backend))(rng, tuple(image_shape))
+  return _compiled_init(backend)(model, rng, tuple(image_shape))
+
+
+def _init(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  return model.init(rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
+
+
+def _init_options(backend: str | None) -> dict[str, Any] | None:
+  return {'xla_backend_optimization_level': 1} if backend == 'cpu' else None
 
 
 @functools.cache
 def _compiled_init(backend: str | None) -> Callable[[nn.Module, jax.Array, tuple[int, int, int]], dict[str, Any]]:
   """The jitted init, reused by equal models (flax modules compare and hash by their fields)."""
-  def init(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-    return model.init(rng, jnp.zeros((1, *image_shape), jnp.uint8), train=False)
-  options = {'xla_backend_optimization_level': 1} if backend == 'cpu' else None
-  return jax.jit(init, static_argnums=(0, 2), compiler_options=options)
+  return jax.jit(_init, static_argnums=(0, 2), compiler_options=_init_options(backend))
 
 
 def head_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

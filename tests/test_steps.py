@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +172,20 @@ def test_initial_state_is_flax_init_op_by_op():
                                                            (SIZE, SIZE, 3)))
   assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes.variables) == jax.tree.map(
       lambda x: (x.shape, x.dtype), state.variables)
+
+
+class _ListWidths(nn.Module):
+  """A newcomer's model with a list field, which flax cannot hash."""
+  widths: list
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(self.widths[0], name='head')(x.reshape(x.shape[0], -1).astype(jnp.float32))
+
+
+def test_a_model_flax_cannot_hash_initialises_as_flax_does():
+  model = _ListWidths([3])
+  state = steps.create_train_state(jax.random.key(1), model, optax.sgd(0.1), (4, 4, 3))
+  init_rng, _ = jax.random.split(jax.random.key(1))
+  expected = model.init(init_rng, jnp.zeros((1, 4, 4, 3), jnp.uint8))
+  np.testing.assert_array_equal(state.params['head']['kernel'], expected['params']['head']['kernel'])
