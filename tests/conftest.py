@@ -27,7 +27,8 @@ if 'PYTEST_XDIST_WORKER' not in os.environ and 'JAX_COMPILATION_CACHE_DIR' not i
   _cache = tempfile.mkdtemp(prefix='melanoma_jax_test_xla_cache_')
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  # Every program, however quick to compile: a run compiles dozens of small ones, each again in every process.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 runtime.configure()
 
 import pytest  # noqa: E402  (after the environment is set)
