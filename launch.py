@@ -39,11 +39,14 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.mode == 'train' and not FLAGS.workdir:
+    raise app.UsageError('--workdir is required to train.')
   # The console is for our progress: libraries' INFO lines (TFDS, JAX) stay out, and
   # orbax's lines (every checkpoint I/O step, how long a save waited) altogether.
   logging.get_absl_handler().addFilter(
       runtime.show_info_only_from(os.path.dirname(runtime.__file__), __file__))
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  runtime.import_tensorflow_quietly()
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
@@ -58,8 +61,6 @@ def main(argv: list[str]) -> None:
   try:
     if FLAGS.mode == 'prepare':
       _prepare(FLAGS.config)
-    elif not workdir:
-      raise app.UsageError('--workdir is required to train.')
     elif FLAGS.all_folds:
       cross_validation.run_all_folds(FLAGS.config, workdir, start_over=FLAGS.start_over)
     else:
@@ -88,5 +89,7 @@ def _prepare(config: ml_collections.ConfigDict) -> None:
 
 
 if __name__ == '__main__':
-  runtime.configure(reexec=True)
+  # TensorFlow and JAX load in `main`, once the command line has parsed: --help
+  # and a mistyped flag answer without waiting for them.
+  runtime.configure(reexec=True, tensorflow=False)
   cli.run(main)

@@ -136,7 +136,7 @@ def without_banners(text: str) -> str:
                  if not any(banner in line for banner in START_UP_BANNERS))
 
 
-def _import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly() -> None:
   """Imports TensorFlow with stderr captured, then shows what it printed but the banners."""
   if 'tensorflow' in sys.modules:
     return
@@ -169,7 +169,7 @@ def _import_tensorflow_quietly() -> None:
       sys.stderr.flush()
 
 
-def configure(reexec: bool = False, workload: str = 'train') -> None:
+def configure(reexec: bool = False, workload: str = 'train', tensorflow: bool = True) -> None:
   """Applies the settings; call first thing in an entry point, before JAX or TensorFlow load.
 
   `workload` is 'train', or 'forward' for a process that never trains.
@@ -178,7 +178,8 @@ def configure(reexec: bool = False, workload: str = 'train') -> None:
   replaced by the same command with the workload's; the PID stays the same, so
   signals still reach it. Without, only the XLA flags are set. A jaxlib
   they were not measured on gets a warning instead. Then TensorFlow is
-  imported without its start-up banners.
+  imported without its start-up banners; with `tensorflow=False`, the caller
+  does that later (`import_tensorflow_quietly`), before JAX or TensorFlow load.
   """
   os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags(workload))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
@@ -188,7 +189,8 @@ def configure(reexec: bool = False, workload: str = 'train') -> None:
   warning = slow_path_warning(_jaxlib_version())
   if warning:
     logging.getLogger(__name__).warning(warning)
-  _import_tensorflow_quietly()
+  if tensorflow:
+    import_tensorflow_quietly()
 
 
 def show_info_only_from(*paths: str) -> Callable[[logging.LogRecord], bool]:

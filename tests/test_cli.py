@@ -47,6 +47,7 @@ def test_every_readme_command_has_help_and_one_line_errors():
       '--config.model.nmae=seed_cnn': ("--config.model.nmae: the config has no field 'nmae' "
                                        '(Did you mean "name" instead of "nmae"?)'),
       '--config.nosuch=1': "--config.nosuch: the config has no field 'nosuch'",
+      '--mode=train': '--workdir is required to train.',
   }
   runs = [[*command, '--help'] for command in commands] + [
       ['launch.py', '--config=configs/balanced.py', error] for error in errors]
@@ -61,6 +62,18 @@ def test_every_readme_command_has_help_and_one_line_errors():
       assert proc.returncode == 1
       assert err.strip().splitlines()[-1] == f'Error: {errors[argv[-1]]} (--help lists the flags)'
       assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('args', [['--help'], ['--config=configs/balanced.py', '--nosuch=1'],
+                                  ['--config=configs/balanced.py', '--workdir=']])
+def test_launcher_answers_help_and_command_line_errors_before_loading_tensorflow_or_jax(args):
+  result = subprocess.run([sys.executable, '-X', 'importtime', 'launch.py', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == (0 if args == ['--help'] else 1), result.stderr[-2000:]
+  imported = {line.rsplit('|', 1)[1].strip() for line in result.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert 'absl.flags' in imported
+  assert not {'tensorflow', 'jax', 'flax'} & imported
 
 
 @pytest.mark.parametrize('argv,message', [
