@@ -65,6 +65,7 @@ def features_and_logits(state: steps.TrainState, images: jax.Array) -> tuple[jax
   return jnp.asarray(features.reshape(features.shape[0], -1), jnp.float32), jnp.asarray(logits, jnp.float32)
 
 
+@jax.jit
 def energy(logits: jax.Array) -> jax.Array:
   """-logsumexp of the logits [B]; a 1-unit head's logit z counts as [0, z]."""
   if logits.shape[-1] == 1:
@@ -72,8 +73,10 @@ def energy(logits: jax.Array) -> jax.Array:
   return -jax.nn.logsumexp(logits, axis=-1)
 
 
+@jax.jit
 def mahalanobis(features: jax.Array, means: jax.Array, precision: jax.Array) -> jax.Array:
-  """min over classes of (f - mean_c)^T precision (f - mean_c) [B]."""
+  """min over classes of (f - mean_c)^T precision (f - mean_c) [B], in float32."""
+  features, means, precision = (jnp.asarray(x, jnp.float32) for x in (features, means, precision))
   diff = features[:, None, :] - means[None, :, :]  # [B, C, D]
   return jnp.min(jnp.einsum('bcd,de,bce->bc', diff, precision, diff), axis=-1)
 
@@ -81,9 +84,8 @@ def mahalanobis(features: jax.Array, means: jax.Array, precision: jax.Array) -> 
 def score_features(features: jax.Array, logits: jax.Array, detector: dict[str, Any]) -> jax.Array:
   """The detector's out-of-distribution score of each example [B]; higher is further out."""
   if detector['method'] == 'energy':
-    return energy(jnp.asarray(logits))
-  return mahalanobis(jnp.asarray(features), jnp.asarray(detector['means'], jnp.float32),
-                     jnp.asarray(detector['precision'], jnp.float32))
+    return energy(logits)
+  return mahalanobis(features, detector['means'], detector['precision'])
 
 
 _p_features_and_logits = jax.pmap(features_and_logits, in_axes=(None, 0))

@@ -70,8 +70,23 @@ def create_train_state(rng: jax.Array, model: nn.Module,
                  if name != 'params' and name not in _TRANSIENT_COLLECTIONS}
   return TrainState(
       step=jnp.asarray(0, jnp.int32), params=params,
-      model_state=model_state, opt_state=tx.init(params),
+      model_state=model_state, opt_state=init_optimizer(tx, params),
       rng=jax.random.key_data(state_rng), model=model, tx=tx, loss=loss)
+
+
+def init_optimizer(tx: optim.PlateauOptimizer | optax.GradientTransformation, params: Any) -> Any:
+  """`tx.init(params)` as one compiled program per (optimizer, parameter shapes).
+
+  Op by op, the zeros of every new parameter shape compile on their own.
+  """
+  if not _hashable(tx):  # a program for this call alone
+    return jax.jit(tx.init)(params)
+  return _compiled_optimizer_init(tx, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _compiled_optimizer_init(tx: Any, params: Any) -> Any:
+  return tx.init(params)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -86,12 +101,19 @@ def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int
   """
   # Compiler options are for a top-level jit only, not one inside a caller's trace (eval_shape).
   backend = jax.default_backend() if not isinstance(rng, jax.core.Tracer) else None
-  try:
-    hash(model)
-  except TypeError:  # a field flax cannot hash (a list): a program for this call alone
+  if not _hashable(model):  # a field flax cannot hash (a list): a program for this call alone
     return jax.jit(functools.partial(_init, model), static_argnums=1,
                    compiler_options=_init_options(backend))(rng, tuple(image_shape))
   return _compiled_init(backend)(model, rng, tuple(image_shape))
+
+
+def _hashable(value: Any) -> bool:
+  """Whether `value` can be a static argument of a cached jitted function."""
+  try:
+    hash(value)
+  except TypeError:
+    return False
+  return True
 
 
 def _init(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict[str, Any]:

@@ -191,12 +191,16 @@ def _start(config: ml_collections.ConfigDict, workdir: epath.Path, data: input_p
   """
   num_classes = len(data.class_names)
   epoch_steps = input_pipeline.steps_per_epoch(len(data.train), config.batch_size)
-  fresh = build_state(config, num_outputs(config, num_classes), epoch_steps,
-                      np.bincount(data.train.labels, minlength=num_classes))
-  logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; model %s',
-               data.class_names, len(data.train), len(data.val), len(data.test), epoch_steps, fresh.model)
+  fresh = functools.partial(build_state, config, num_outputs(config, num_classes), epoch_steps,
+                            np.bincount(data.train.labels, minlength=num_classes))
   manager = checkpointing.manager(workdir, config.checkpoints_to_keep)
-  state, meta = checkpointing.restore_latest(manager, fresh, workdir)
+  # Resuming needs the state's shapes only (the checkpoint holds its values): no initialisation to compile.
+  state, meta = (checkpointing.restore_latest(manager, jax.eval_shape(fresh), workdir)
+                 if manager.all_steps() else (None, {}))
+  if not meta:
+    state = fresh()
+  logging.info('Classes %s; train %d, val %d, test %d examples; %d steps per epoch; model %s',
+               data.class_names, len(data.train), len(data.val), len(data.test), epoch_steps, state.model)
   first_epoch = int(state.step) // epoch_steps + 1
   # Its pipeline warms up during the rest of the set-up and the step's compile.
   ahead = {first_epoch: _batches_ahead(config, data, first_epoch, epoch_steps, int(state.step) % epoch_steps)
@@ -441,7 +445,7 @@ def _init_from_pretrained(state: steps.TrainState, config: ml_collections.Config
   params = variables.pop('params')
   logging.info('Initialised %s from %s (head re-initialised for %d outputs).', config.model.name, path,
                state.num_outputs)
-  return state.replace(params=params, model_state=variables, opt_state=state.tx.init(params))
+  return state.replace(params=params, model_state=variables, opt_state=steps.init_optimizer(state.tx, params))
 
 
 def params_digest(params: Any) -> str:

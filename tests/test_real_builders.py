@@ -3,6 +3,7 @@
 import os
 import pathlib
 import struct
+import tempfile
 import zlib
 
 from etils import epath
@@ -282,6 +283,17 @@ def test_isic_accepts_the_archive_folder_itself(isic_archive, tmp_path):
   _prepare(builder, manual_dir=isic_archive)
   assert builder.info.splits['test'].num_examples == 9
   assert builder.preparation_report()['groups'] is None
+
+
+def test_builders_leave_nothing_in_the_temporary_folder(isic_archive, tmp_path, monkeypatch):
+  # TFDS' own DatasetInfo made (and kept) a directory there for every builder made before its data was prepared.
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  _prepare(tfds.builder('isic_skin_cancer', data_dir=tmp_path / 'data', config=_small_config()),
+           manual_dir=isic_archive)
+  tfds.builder('synthetic_lesions/tiny', data_dir=tmp_path / 'data')
+  assert not list(scratch.iterdir())
 
 
 def test_isic_missing_manual_dir_explains_layout_and_source(tmp_path):

@@ -1,5 +1,6 @@
 """train_step / eval_step: the same maths on 1 or 4 devices, under pmap or shard_map."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -181,6 +182,32 @@ class _ListWidths(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     return nn.Dense(self.widths[0], name='head')(x.reshape(x.shape[0], -1).astype(jnp.float32))
+
+
+@dataclasses.dataclass
+class _PlainTx:
+  """A research optimizer as a plain dataclass, which cannot be hashed."""
+  inner: optax.GradientTransformation
+
+  def init(self, params):
+    return self.inner.init(params)
+
+
+def _finetune_optimizer():
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  return optim.make_optimizer(finetune.get_config('synthetic'), steps_per_epoch=3)
+
+
+@pytest.mark.parametrize('make', [_finetune_optimizer, lambda: _PlainTx(optax.adam(1e-3))])
+def test_optimizer_state_is_optax_init_op_by_op(make):
+  tx = make()
+  params = {'conv': {'kernel': jnp.ones((3, 3, 3, 4)), 'bias': jnp.ones(4)},
+            'head': {'kernel': jnp.full((4, 9), 0.5), 'bias': jnp.zeros(9)}}
+  got, expected = steps.init_optimizer(tx, params), tx.init(params)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert g.dtype == e.dtype
+    np.testing.assert_array_equal(g, e)
 
 
 def test_a_model_flax_cannot_hash_initialises_as_flax_does():

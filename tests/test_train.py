@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import melanoma_jax
-from melanoma_jax import reporting, train
+from melanoma_jax import reporting, steps, train
 
 HISTORY_KEYS = {'epoch', 'step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
                 'val_balanced_accuracy', 'lr', 'epoch_seconds', 'images_per_sec'}
@@ -58,9 +58,14 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_config, tmp_pat
   assert max(jax.tree.leaves(diffs)) < 1e-5
 
 
-def test_rerunning_a_finished_run_repeats_no_epoch(finished_run, tiny_config):
+def test_rerunning_a_finished_run_repeats_no_epoch_and_initialises_nothing(finished_run, tiny_config, monkeypatch):
   workdir, result = finished_run
+  initialised = []  # whether each init computed values (rather than only traced shapes)
+  init = steps.init_variables
+  monkeypatch.setattr(steps, 'init_variables', lambda model, rng, *args: initialised.append(
+      not isinstance(rng, jax.core.Tracer)) or init(model, rng, *args))
   again = train.train_and_evaluate(_config(tiny_config, num_epochs=3), str(workdir))
+  assert initialised and not any(initialised)
   assert [row['epoch'] for row in reporting.read_history(workdir)] == [1, 2, 3]
   assert again['test_accuracy'] == result['test_accuracy']
 

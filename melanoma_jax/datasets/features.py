@@ -1,4 +1,4 @@
-"""The features every builder yields, and the class names of the ISIC archive."""
+"""The features and dataset info every builder yields, and the class names of the ISIC archive."""
 
 
 import numpy as np
@@ -47,3 +47,15 @@ def lesion_features(class_names: tuple[str, ...], image_size: int,
     features.update(age=tfds.features.Scalar(dtype=np.float32), sex=tfds.features.Text(),
                     site=tfds.features.Text())
   return tfds.features.FeaturesDict(features)
+
+
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """A DatasetInfo that never looks for this dataset on TFDS' GCS bucket.
+
+  TFDS' own looks there whenever a builder is made before its data is
+  prepared, and first makes a temporary directory (in /tmp) for the files it
+  would copy, which it never removes: one more for every such builder.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    """Nothing to fetch: these datasets are built from files on disk only."""

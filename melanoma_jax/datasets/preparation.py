@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 
 from melanoma_jax import preprocessing
 from melanoma_jax.datasets import preparation_cache
-from melanoma_jax.datasets.features import lesion_features
+from melanoma_jax.datasets.features import LocalDatasetInfo, lesion_features
 from melanoma_jax.datasets.folder_layout import FolderTree, ImageRecord, Skipped
 from melanoma_jax.datasets.groups_csv import match_groups, read_groups_csv
 from melanoma_jax.errors import UnreadableImageError
@@ -237,7 +237,7 @@ class FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return super().get_builder_config(name, version) or _preprocessed_config(name)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self,
         description=self.__doc__,
         features=lesion_features(self._class_names(), self.builder_config.image_size,

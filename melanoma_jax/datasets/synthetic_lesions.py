@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from melanoma_jax.datasets.features import ISIC_CLASSES
 from melanoma_jax.datasets.features import ISIC_TRAIN_COUNTS
+from melanoma_jax.datasets.features import LocalDatasetInfo
 from melanoma_jax.datasets.features import lesion_features
 
 # The one knob for how hard the task is: the largest weight with which an image
@@ -528,7 +529,8 @@ class SyntheticLesions(tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = 'full'
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    return LocalDatasetInfo(
+        builder=self,
         description=(
             'Synthetic dermoscopy-like images in the 9 ISIC classes, with class-dependent '
             'colour, shape and structures that overlap between look-alike classes. '
