@@ -38,6 +38,13 @@ step (`benchmarks/train_throughput.py`; README, Speed):
 Nothing is overridden that the user set: an existing GLIBC_TUNABLES or an
 XLA flag of the same name wins.
 
+Python's cyclic garbage collector is kept off the libraries' objects, which
+live as long as the process: it would walk TensorFlow's hundreds of
+thousands of objects several times while they load, at every full
+collection after, and once more as the process exits. They are frozen
+(`gc.freeze`) once TensorFlow has loaded, and everything is frozen at exit
+(atexit handlers still run; our files are closed when written).
+
 The console is for the user's progress and results: TensorFlow's native
 libraries print start-up banners (oneDNN, CPU features, absl's pre-init
 notice) that no log level reaches, so `configure` imports TensorFlow with
@@ -47,6 +54,8 @@ TF_CPP_MIN_LOG_LEVEL=1 (unless set) so its later INFO lines stay quiet while
 warnings and errors show.
 """
 
+import atexit
+import gc
 import importlib.metadata
 import logging
 import os
@@ -142,6 +151,8 @@ def import_tensorflow_quietly() -> None:
     return
   sys.stderr.flush()
   saved = os.dup(2)
+  collecting = gc.isenabled()
+  gc.disable()
   # TensorFlow imports Keras while loading, only to register Keras' optimizers
   # for loading SavedModels (none here), in a try that lets it fail: Keras and
   # what it pulls in (scikit-learn) slowed every start. Keras still loads when
@@ -159,6 +170,9 @@ def import_tensorflow_quietly() -> None:
       # brings it here.
       tensorflow.raw_ops.PrintV2(input=_FIRST_LOG_LINE, output_stream='log(error)', end='')
     finally:
+      gc.freeze()
+      if collecting:
+        gc.enable()
       if skip_keras:
         del sys.modules[_KERAS_AT_TF_IMPORT]
       sys.stderr.flush()
@@ -182,6 +196,7 @@ def configure(reexec: bool = False, workload: str = 'train', tensorflow: bool = 
   does that later (`import_tensorflow_quietly`), before JAX or TensorFlow load.
   """
   os.environ['XLA_FLAGS'] = with_xla_flags(os.environ.get('XLA_FLAGS', ''), _measured_flags(workload))
+  atexit.register(gc.freeze)  # The interpreter's collections at exit then walk nothing.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if reexec and sys.platform == 'linux' and 'GLIBC_TUNABLES' not in os.environ:
     os.environ['GLIBC_TUNABLES'] = GLIBC_TUNABLES[workload]
