@@ -146,7 +146,10 @@ def without_banners(text: str) -> str:
 
 
 def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with stderr captured, then shows what it printed but the banners."""
+  """Imports TensorFlow with stderr captured, then shows what it printed but the banners.
+
+  What is loaded by then is frozen (`gc.freeze`): the garbage collector walks it no more.
+  """
   if 'tensorflow' in sys.modules:
     return
   sys.stderr.flush()
